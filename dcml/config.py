@@ -1,0 +1,359 @@
+"""Frozen dataclasses mirroring ``params.yaml``; loading and up-front validation.
+
+Every hyper-parameter lives in ``params.yaml``. :func:`load_params` turns it into a
+:class:`Params` tree, failing with a :class:`ConfigError` that names the dotted key
+for unknown, missing or mistyped entries. :func:`validate` checks cross-field rules
+before any compute. Sweeps derive new configs with :func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, missing, mistyped or inconsistent; the message names it."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Class-disjoint train/test split for class-folder data.
+
+    Either ``train_ratio`` (first fraction of the sorted class names is train) or
+    explicit ``train_classes``/``test_classes`` lists (both non-empty).
+    """
+
+    train_ratio: float = 0.5
+    train_classes: tuple[str, ...] = ()
+    test_classes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The embedded synthetic dataset (see ``dcml/data/demo.py``)."""
+
+    images_per_class: int = 30
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["demo", "folder", "cub200", "cars196", "sop", "inshop", "vehicleid"] = "demo"
+    root: str = "data/demo"
+    split: SplitConfig = field(default_factory=SplitConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    vehicleid_test_size: Literal[800, 1600, 2400] = 800
+    image_size: int = 224
+    resize_size: int = 256
+    crop_scale_min: float = 0.08  # RandomResizedCrop's smallest area fraction
+    skip_corrupt: bool = False
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: Literal["small_cnn", "resnet18", "resnet34", "resnet50"] = "resnet50"
+    pretrained: str = "imagenet"  # "imagenet" | "none" | path to a local weights file
+    embedding_dim: int = 128
+    dropout: float = 0.01
+    freeze_bn: bool = True
+    renormalize_full: bool = True  # re-normalise the concatenated slices at test time
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: Literal["margin", "triplet"] = "margin"
+    margin: float = 0.2  # alpha of the margin loss, also the triplet margin
+    beta: float = 1.2
+    beta_mode: Literal["fixed", "global", "per_class"] = "fixed"
+    beta_lr: float = 5e-4
+    nu: float = 0.0
+    negative_sampler: Literal["distance_weighted", "nearest_beyond_cutoff"] = "distance_weighted"
+    cutoff: float = 0.5
+    nonzero_loss_cutoff: float = 1.4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 80
+    images_per_class: int = 4
+    lr_backbone: float = 1e-5
+    lr_embedding: float = 1e-5
+    weight_decay: float = 1e-4
+    lr_decay_gamma: float = 1.0  # multiplicative LR decay per epoch; 1.0 = none
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = False  # autocast to bfloat16 on CUDA
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    num_learners: int = 8  # K
+    recluster_every: int = 2  # T, epochs between divisions
+    divide_until_epoch: int = 190  # learners train on their slices before this epoch
+    finetune_from_epoch: int = 190  # K=1 on all data from this epoch
+    space: Literal["embedding", "backbone"] = "embedding"
+    niter: int = 20
+    nredo: int = 1
+    max_points_per_centroid: int = 256
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    recall_ks: tuple[int, ...] = (1, 2, 4, 8)
+    nmi: bool = True
+    map_at_r: bool = True
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str = ""  # empty: one experiment per dataset, named after it
+    log_model: bool = True
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    num_learners: tuple[int, ...] = (1, 4)
+    seeds: tuple[int, ...] = (0,)
+    concurrent: bool = False
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    preset: str = "none"  # name of a file in dcml/presets/ overlaid on these values
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def load_params(path: str | Path, *, resolve_preset: bool = True) -> Params:
+    """Read a YAML file into :class:`Params` and validate it.
+
+    With ``resolve_preset`` the named preset and the ``overrides`` section are applied
+    (params.yaml < preset < overrides); files written by runs are already resolved.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    if resolve_preset:
+        raw = apply_preset(raw)
+    return params_from_dict(raw)
+
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    """Overlay ``dcml/presets/<preset>.yaml`` on ``raw``, then ``raw['overrides']``.
+
+    Presets hold the paper's setup per benchmark; they never set ``data.root``,
+    ``tracking`` or ``sweep``, which stay the user's. ``overrides`` (same nested keys as
+    params.yaml, e.g. ``overrides: {cluster: {divide_until_epoch: 80}}`` or
+    ``dvc exp run -S overrides.train.epochs=50``) beats the preset.
+    """
+    raw = dict(raw)
+    overrides = raw.pop("overrides", None) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError("overrides: expected a mapping of params keys")
+    name = raw.get("preset", "none")
+    path = PRESETS_DIR / f"{name}.yaml"
+    if name != "none" and (not isinstance(name, str) or not path.is_file()):
+        raise ConfigError(f"preset: unknown preset {name!r}; available: {available_presets()}")
+    if name != "none":
+        raw = _deep_merge(raw, yaml.safe_load(path.read_text()) or {})
+    return _deep_merge(raw, overrides)
+
+
+def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    """Build and validate :class:`Params` from a nested dict (every key required)."""
+    params = _build(Params, raw, prefix="")
+    validate(params)
+    return params
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"unknown key: {_join(prefix, unknown[0])}")
+    missing = sorted(fields - set(raw))
+    if missing:
+        raise ConfigError(f"missing key: {_join(prefix, missing[0])}")
+    values = {name: _coerce(hints[name], raw[name], _join(prefix, name)) for name in fields}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type, _) = typing.get_args(hint)
+        return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unsupported union type")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def validate(params: Params, num_train_classes: int | None = None) -> None:
+    """Cross-field rules, checked before any compute. Raises :class:`ConfigError`."""
+    t, c, m, lo, d = params.train, params.cluster, params.model, params.loss, params.data
+    rules: list[tuple[bool, str]] = [
+        (t.epochs >= 1, "train.epochs must be >= 1"),
+        (t.images_per_class >= 2, "train.images_per_class must be >= 2 (positives needed)"),
+        (
+            t.batch_size % t.images_per_class == 0,
+            f"train.batch_size ({t.batch_size}) must be divisible by "
+            f"train.images_per_class ({t.images_per_class})",
+        ),
+        (t.batch_size // t.images_per_class >= 2, "train.batch_size must hold >= 2 classes"),
+        (t.lr_backbone >= 0 and t.lr_embedding > 0, "train learning rates must be positive"),
+        (0 < t.lr_decay_gamma <= 1, "train.lr_decay_gamma must be in (0, 1]"),
+        (c.num_learners >= 1, "cluster.num_learners must be >= 1"),
+        (
+            m.embedding_dim % c.num_learners == 0,
+            f"model.embedding_dim ({m.embedding_dim}) must be divisible by "
+            f"cluster.num_learners ({c.num_learners})",
+        ),
+        (c.recluster_every >= 1, "cluster.recluster_every must be >= 1"),
+        (
+            0 <= c.divide_until_epoch <= c.finetune_from_epoch <= t.epochs,
+            "epoch boundaries must satisfy 0 <= cluster.divide_until_epoch <= "
+            f"cluster.finetune_from_epoch <= train.epochs (got {c.divide_until_epoch}, "
+            f"{c.finetune_from_epoch}, {t.epochs})",
+        ),
+        (c.niter >= 1 and c.nredo >= 1, "cluster.niter and cluster.nredo must be >= 1"),
+        (c.max_points_per_centroid >= 1, "cluster.max_points_per_centroid must be >= 1"),
+        (0 <= m.dropout < 1, "model.dropout must be in [0, 1)"),
+        (m.embedding_dim >= 1, "model.embedding_dim must be >= 1"),
+        (lo.margin >= 0 and lo.beta > 0, "loss.margin must be >= 0 and loss.beta > 0"),
+        (0 < lo.cutoff < lo.nonzero_loss_cutoff <= 2, "need 0 < loss.cutoff < loss.nonzero_loss_cutoff <= 2"),
+        (lo.nu >= 0, "loss.nu must be >= 0"),
+        (0 < d.split.train_ratio < 1, "data.split.train_ratio must be in (0, 1)"),
+        (
+            bool(d.split.train_classes) == bool(d.split.test_classes),
+            "data.split.train_classes and data.split.test_classes must be given together",
+        ),
+        (not set(d.split.train_classes) & set(d.split.test_classes), "data.split lists overlap"),
+        (8 <= d.image_size <= d.resize_size, "need 8 <= data.image_size <= data.resize_size"),
+        (0 < d.crop_scale_min <= 1, "data.crop_scale_min must be in (0, 1]"),
+        (d.num_workers >= 0, "data.num_workers must be >= 0"),
+        (d.demo.images_per_class >= 2 and d.demo.image_size >= 16, "data.demo too small"),
+        (bool(params.eval.recall_ks) and min(params.eval.recall_ks) >= 1, "eval.recall_ks must be >= 1"),
+        (params.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (bool(params.sweep.num_learners) and bool(params.sweep.seeds), "sweep lists must be non-empty"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+    for k in params.sweep.num_learners:
+        if k < 1 or m.embedding_dim % k:
+            raise ConfigError(f"sweep.num_learners: {k} does not divide model.embedding_dim ({m.embedding_dim})")
+    if num_train_classes is not None:
+        check_against_data(params, num_train_classes)
+
+
+def check_against_data(params: Params, num_train_classes: int) -> None:
+    """Rules that need the dataset: K and the batch's classes vs training classes."""
+    ks = {params.cluster.num_learners, *params.sweep.num_learners}
+    if max(ks) > num_train_classes:
+        raise ConfigError(
+            f"cluster.num_learners/sweep.num_learners ({max(ks)}) exceeds the number of "
+            f"training classes ({num_train_classes})"
+        )
+    if num_train_classes < 2:
+        raise ConfigError(f"the training split has {num_train_classes} class(es); need >= 2")
+
+
+def to_dict(params: Params) -> dict[str, Any]:
+    """Nested plain dict (tuples as lists), the inverse of :func:`params_from_dict`."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        return value
+
+    def walk(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {f.name: walk(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return convert(obj)
+
+    return walk(params)
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """Dotted keys to values, e.g. ``{"cluster.num_learners": 4, ...}``."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(_join(prefix, key), value)
+        else:
+            out[prefix] = node
+
+    walk("", to_dict(params))
+    return out
+
+
+def with_num_learners(params: Params, num_learners: int, seed: int | None = None) -> Params:
+    """A copy for one sweep point (K, seed); K=1 is the plain baseline."""
+    cluster = dataclasses.replace(params.cluster, num_learners=num_learners)
+    new = dataclasses.replace(params, cluster=cluster, seed=params.seed if seed is None else seed)
+    validate(new)
+    return new
