@@ -1,0 +1,44 @@
+"""Zero-shot evaluation of an embedding on the test split, with the dataset's protocol."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dcml import metrics
+from dcml.config import EvalConfig
+from dcml.data.records import Splits
+
+if TYPE_CHECKING:
+    from dcml.data import DatasetBundle
+    from dcml.trainer import Trainer
+
+
+def evaluate_embeddings(
+    embeddings: np.ndarray, labels: np.ndarray, splits: Splits, config: EvalConfig, *, seed: int = 0
+) -> dict[str, float]:
+    """Metrics of test ``embeddings`` (n, D) float32 with ``labels`` (n,) in test order.
+
+    For query/gallery datasets (In-shop) the first ``len(splits.query)`` rows are the
+    queries and they search the gallery only; otherwise every item queries all others.
+    """
+    if splits.query is not None:
+        num_query = len(splits.query)
+        return metrics.evaluate_query_gallery(
+            embeddings[:num_query],
+            labels[:num_query],
+            embeddings[num_query:],
+            labels[num_query:],
+            config.recall_ks,
+            with_map=config.map_at_r,
+        )
+    return metrics.evaluate_retrieval(
+        embeddings, labels, config.recall_ks, nmi_seed=seed, with_nmi=config.nmi, with_map=config.map_at_r
+    )
+
+
+def evaluate_bundle(trainer: Trainer, bundle: DatasetBundle, *, num_learners: int) -> dict[str, float]:
+    """Embed the test split with ``trainer``'s model and evaluate it."""
+    embeddings, labels, _ = trainer.embed(bundle.test, num_learners=num_learners)
+    return evaluate_embeddings(embeddings, labels, bundle.splits, trainer.params.eval, seed=trainer.params.seed)

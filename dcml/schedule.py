@@ -1,0 +1,95 @@
+"""The training schedule as a pure function of the parameters.
+
+Epochs ``[0, divide_until_epoch)``: *divide* — K learners, each trained on its cluster's
+slice of the embedding, re-clustering every ``recluster_every`` epochs.
+Epochs ``[divide_until_epoch, finetune_from_epoch)``: *clustered_full* — batches still come
+from the clusters (and re-clustering continues), but the loss uses the full embedding.
+Epochs ``[finetune_from_epoch, epochs)``: *finetune* — K=1 on all data (the conquer step).
+
+The authors' code (200 epochs, full-embedding loss from epoch 80, K=1 from 190) is
+``divide_until_epoch=80, finetune_from_epoch=190``; the paper's reading is 190/190.
+K=1 is the plain baseline: every epoch is a *finetune* epoch, nothing is clustered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Mode = Literal["divide", "clustered_full", "finetune"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Epochs ``[start_epoch, end_epoch)`` trained in one mode without re-clustering.
+
+    ``recluster`` says whether a new division is computed before the segment starts;
+    ``num_clusters`` is the K of the division the batches come from (1 = all data).
+    """
+
+    start_epoch: int
+    end_epoch: int
+    mode: Mode
+    recluster: bool
+    num_clusters: int
+
+    @property
+    def num_learners(self) -> int:
+        """Slices the loss is computed on: K while dividing, else the full embedding."""
+        return self.num_clusters if self.mode == "divide" else 1
+
+    @property
+    def name(self) -> str:
+        return f"epochs-{self.start_epoch}-{self.end_epoch - 1}"
+
+
+def mode_of_epoch(epoch: int, num_learners: int, divide_until_epoch: int, finetune_from_epoch: int) -> Mode:
+    if num_learners == 1 or epoch >= finetune_from_epoch:
+        return "finetune"
+    return "divide" if epoch < divide_until_epoch else "clustered_full"
+
+
+def plan(
+    epochs: int,
+    num_learners: int,
+    recluster_every: int,
+    divide_until_epoch: int,
+    finetune_from_epoch: int,
+) -> list[Segment]:
+    """Split ``range(epochs)`` into segments at every re-clustering and mode boundary.
+
+    Finetune epochs are also cut every ``recluster_every`` epochs so that evaluation
+    and checkpoints have the same cadence for every K (K=1 included).
+    """
+    if not 0 <= divide_until_epoch <= finetune_from_epoch <= epochs:
+        raise ValueError("need 0 <= divide_until_epoch <= finetune_from_epoch <= epochs")
+    if recluster_every < 1 or num_learners < 1:
+        raise ValueError("recluster_every and num_learners must be >= 1")
+    segments: list[Segment] = []
+    start = 0
+    while start < epochs:
+        mode = mode_of_epoch(start, num_learners, divide_until_epoch, finetune_from_epoch)
+        end = min(epochs, (start // recluster_every + 1) * recluster_every)
+        for boundary in (divide_until_epoch, finetune_from_epoch):
+            if start < boundary < end:
+                end = boundary
+        clustered = mode != "finetune"
+        segments.append(
+            Segment(
+                start_epoch=start,
+                end_epoch=end,
+                mode=mode,
+                recluster=clustered and start % recluster_every == 0,
+                num_clusters=num_learners if clustered else 1,
+            )
+        )
+        start = end
+    return segments
+
+
+def plan_from_params(params) -> list[Segment]:  # noqa: ANN001 - dcml.config.Params
+    """:func:`plan` with the values of a :class:`dcml.config.Params`."""
+    c = params.cluster
+    return plan(
+        params.train.epochs, c.num_learners, c.recluster_every, c.divide_until_epoch, c.finetune_from_epoch
+    )
