@@ -1,0 +1,55 @@
+"""Register the K sweep as a scheduled deployment on a local process work pool.
+
+    prefect server start --host 127.0.0.1            # terminal 1 (UI at http://127.0.0.1:4200)
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    dcml deploy --cron "0 2 * * *"                     # creates pool + deployment
+    prefect worker start --pool dcml-process           # terminal 2: runs scheduled sweeps
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectNotFound
+from prefect.utilities.asyncutils import run_coro_as_sync
+
+from flows.sweep import sweep
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _ensure_process_pool(name: str) -> None:
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(name)
+        except ObjectNotFound:
+            await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+
+
+def deploy_sweep(
+    name: str = "k-sweep",
+    pool: str = "dcml-process",
+    cron: str | None = "0 2 * * *",
+    params_path: str = "params.yaml",
+    out_dir: str = "outputs",
+) -> str:
+    """Create the pool if needed and deploy :func:`flows.sweep.sweep` from this checkout.
+
+    Paths are made absolute so the worker's process finds the params and outputs.
+    Returns the deployment id.
+    """
+    run_coro_as_sync(_ensure_process_pool(pool))
+    flow = sweep.from_source(source=str(PROJECT_ROOT), entrypoint="flows/sweep.py:sweep")
+    deployment_id = flow.deploy(
+        name=name,
+        work_pool_name=pool,
+        cron=cron,
+        parameters={"params_path": str(Path(params_path).resolve()), "out_dir": str(Path(out_dir).resolve())},
+        job_variables={"working_dir": str(PROJECT_ROOT)},
+        build=False,
+        push=False,
+        print_next_steps=False,
+    )
+    return str(deployment_id)

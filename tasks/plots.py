@@ -1,0 +1,98 @@
+"""PNG plots (matplotlib, Agg backend): nothing here needs a browser or a CDN."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dcml.atomic import atomic_path  # noqa: E402
+
+
+def _save(figure: plt.Figure, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return Path(path)
+
+
+def recall_curve(evaluations: Sequence[dict[str, float]], path: str | Path, title: str = "") -> Path:
+    """R@k against epoch, one line per k; ``evaluations`` rows have ``epoch`` and ``recall@k`` keys."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    epochs = [row["epoch"] for row in evaluations]
+    keys = sorted({k for row in evaluations for k in row if k.startswith("recall@")}, key=lambda k: int(k[7:]))
+    for key in keys:
+        axis.plot(epochs, [100 * row[key] for row in evaluations], marker="o", label=key.replace("recall", "R"))
+    axis.set(xlabel="epoch", ylabel="recall (%)", title=title or "test recall@k")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(figure, path)
+
+
+def cluster_sizes(divisions: Sequence[tuple[int, np.ndarray]], path: str | Path) -> Path:
+    """Stacked bars of each learner's image count at every division ``(epoch, sizes (K,))``."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    if divisions:
+        epochs = [str(epoch) for epoch, _ in divisions]
+        sizes = np.stack([s for _, s in divisions])  # (divisions, K)
+        bottom = np.zeros(len(divisions))
+        for learner in range(sizes.shape[1]):
+            axis.bar(epochs, sizes[:, learner], bottom=bottom, label=f"learner {learner}")
+            bottom += sizes[:, learner]
+        axis.legend(fontsize="small")
+    axis.set(xlabel="division at epoch", ylabel="images", title="cluster sizes over time")
+    return _save(figure, path)
+
+
+def retrieval_grid(
+    query_paths: Sequence[str],
+    neighbour_paths: Sequence[Sequence[str]],
+    correct: np.ndarray,
+    path: str | Path,
+    thumb: int = 64,
+) -> Path:
+    """One row per query: the query, then its nearest neighbours framed green (same class) or red."""
+    rows, cols = len(query_paths), 1 + max(len(n) for n in neighbour_paths)
+    figure, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows), squeeze=False)
+    for r, (query, neighbours) in enumerate(zip(query_paths, neighbour_paths, strict=True)):
+        for c, image_path in enumerate([query, *neighbours]):
+            axis = axes[r][c]
+            axis.imshow(Image.open(image_path).convert("RGB").resize((thumb, thumb)))
+            axis.set_xticks([])
+            axis.set_yticks([])
+            colour = "black" if c == 0 else ("green" if correct[r, c - 1] else "red")
+            for spine in axis.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3)
+        axes[r][0].set_ylabel("query", fontsize="small")
+    return _save(figure, path)
+
+
+def recall_vs_k(rows: Sequence[dict[str, float]], path: str | Path, key: str = "recall@1") -> Path:
+    """Final ``key`` against K (mean ± std over seeds); rows have ``num_learners`` and ``key``."""
+    ks = sorted({int(row["num_learners"]) for row in rows})
+    values = [[100 * row[key] for row in rows if int(row["num_learners"]) == k] for k in ks]
+    figure, axis = plt.subplots(figsize=(5, 4))
+    axis.errorbar(
+        [str(k) for k in ks], [np.mean(v) for v in values], yerr=[np.std(v) for v in values], marker="o", capsize=4
+    )
+    axis.set(xlabel="K (learners)", ylabel=key.replace("recall", "R") + " (%)", title=f"{key} vs K")
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def recall_vs_epoch(curves: dict[str, Sequence[dict[str, float]]], path: str | Path, key: str = "recall@1") -> Path:
+    """``key`` against epoch, one line per run label (e.g. ``K=4 seed=0``)."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, evaluations in curves.items():
+        axis.plot([r["epoch"] for r in evaluations], [100 * r[key] for r in evaluations], marker="o", label=label)
+    axis.set(xlabel="epoch", ylabel=key.replace("recall", "R") + " (%)", title=f"{key} vs epoch per K")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(figure, path)
