@@ -62,7 +62,7 @@ def divide(
         use_gpu=use_gpu,
     )
     if previous is not None:
-        assignment = clustering.match_clusters(previous, assignment)
+        assignment = clustering.match_clusters(previous, assignment, num_clusters=num_clusters)
     keep, _ = clustering.drop_singleton_images(assignment, labels)
     assignment = clustering.ensure_trainable(assignment, labels, keep, num_clusters=num_clusters)
     keep, num_dropped = clustering.drop_singleton_images(assignment, labels)
