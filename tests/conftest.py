@@ -1,0 +1,58 @@
+"""Shared fixtures: the real params.yaml shrunk in one place, a tiny generated dataset,
+and isolated Prefect/MLflow state per test session (telemetry off)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+for key, value in {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+}.items():
+    os.environ.setdefault(key, value)
+
+from dcml.config import Params, load_params  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_IMAGES_PER_CLASS = 8
+TINY_IMAGE_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo dataset at 32 px with 8 images per class (generated once per session)."""
+    from dcml.data.demo import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("data") / "demo"
+    generate_demo_dataset(root, images_per_class=TINY_IMAGES_PER_CLASS, image_size=TINY_IMAGE_SIZE, seed=0)
+    return root
+
+
+def shrink(params: Params, data_root: Path, tracking_uri: str = "sqlite:///:memory:") -> Params:
+    """The project's real params, made tiny: 3 epochs, 32 px, small batches, CPU."""
+    r = dataclasses.replace
+    return r(
+        params,
+        data=r(params.data, root=str(data_root), image_size=TINY_IMAGE_SIZE, resize_size=36,
+               demo=r(params.data.demo, images_per_class=TINY_IMAGES_PER_CLASS, image_size=TINY_IMAGE_SIZE)),
+        model=r(params.model, embedding_dim=32),
+        train=r(params.train, epochs=3, batch_size=16, images_per_class=4, device="cpu"),
+        cluster=r(params.cluster, num_learners=4, recluster_every=1, divide_until_epoch=2, finetune_from_epoch=2,
+                  niter=10),
+        eval=r(params.eval, batch_size=128),
+        tracking=r(params.tracking, mlflow_uri=tracking_uri, log_model=False),
+        sweep=r(params.sweep, num_learners=(1, 4), seeds=(0,)),
+    )
+
+
+@pytest.fixture()
+def tiny_params(tiny_demo_root: Path) -> Params:
+    return shrink(load_params(REPO_ROOT / "params.yaml"), tiny_demo_root)

@@ -1,0 +1,92 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from dcml.config import (
+    ConfigError,
+    Params,
+    available_presets,
+    check_against_data,
+    flatten,
+    load_params,
+    params_from_dict,
+    to_dict,
+    with_num_learners,
+)
+from tests.conftest import REPO_ROOT
+
+
+def raw_params() -> dict:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def write(tmp_path, raw) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_project_params_load_and_round_trip():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params_from_dict(to_dict(params)) == params
+    assert flatten(params)["cluster.num_learners"] == params.cluster.num_learners
+
+
+def test_params_are_frozen():
+    params = load_params(REPO_ROOT / "params.yaml")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r["train"].update(epochz=3), "unknown key: train.epochz"),
+        (lambda r: r["cluster"].pop("recluster_every"), "missing key: cluster.recluster_every"),
+        (lambda r: r["model"].update(backbone="vgg"), "model.backbone"),
+        (lambda r: r["train"].update(epochs="ten"), "train.epochs: expected an integer"),
+        (lambda r: r["model"].update(freeze_bn="yes"), "model.freeze_bn: expected true/false"),
+        (lambda r: r["eval"].update(recall_ks=[1, "x"]), "eval.recall_ks[1]"),
+        (lambda r: r["model"].update(embedding_dim=30), "divisible by cluster.num_learners"),
+        (lambda r: r["train"].update(batch_size=30), "train.batch_size (30) must be divisible"),
+        (lambda r: r["cluster"].update(divide_until_epoch=10, finetune_from_epoch=5), "epoch boundaries"),
+        (lambda r: r["cluster"].update(finetune_from_epoch=99), "epoch boundaries"),
+        (lambda r: r["sweep"].update(num_learners=[1, 5]), "sweep.num_learners: 5"),
+        (lambda r: r.update(preset="paper-nothing"), "preset: unknown preset"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, mutate, message):
+    raw = raw_params()
+    mutate(raw)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_params(write(tmp_path, raw))
+
+
+def test_k_larger_than_training_classes_is_rejected():
+    params = load_params(REPO_ROOT / "params.yaml")
+    with pytest.raises(ConfigError, match="exceeds the number of training classes"):
+        check_against_data(with_num_learners(params, 8), num_train_classes=5)
+
+
+def test_preset_overlays_params_and_overrides_beat_it(tmp_path):
+    assert "paper-cub200" in available_presets()
+    raw = raw_params()
+    raw["preset"] = "paper-cub200"
+    raw["sweep"]["num_learners"] = [1, 4]
+    params = load_params(write(tmp_path, raw))
+    assert params.model.backbone == "resnet50" and params.train.batch_size == 80
+    assert params.data.root == raw["data"]["root"]  # presets never move the data
+    raw["overrides"] = {"cluster": {"divide_until_epoch": 80}}
+    params = load_params(write(tmp_path, raw))
+    assert (params.cluster.divide_until_epoch, params.cluster.finetune_from_epoch) == (80, 190)
+
+
+def test_sweep_copies_with_replace_and_validate():
+    params = load_params(REPO_ROOT / "params.yaml")
+    baseline = with_num_learners(params, 1, seed=7)
+    assert baseline.cluster.num_learners == 1 and baseline.seed == 7
+    assert params.cluster.num_learners != 1 or params.seed != 7
+    with pytest.raises(ConfigError):
+        with_num_learners(params, 3)  # does not divide the embedding

@@ -1,0 +1,135 @@
+"""End to end with the real components: Prefect (ephemeral API, own PREFECT_HOME), MLflow
+(own sqlite file), and the files a run leaves on disk (Parquet, checkpoints, plots)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+from prefect.testing.utilities import prefect_test_harness
+from prefect.utilities.asyncutils import run_coro_as_sync
+
+from dcml.config import to_dict
+from tasks import io
+from tests.conftest import REPO_ROOT, shrink
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def sweep_result(prefect_api, tiny_demo_root, tmp_path_factory):
+    from dcml.config import load_params
+    from flows.sweep import sweep
+
+    folder = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    params = shrink(load_params(REPO_ROOT / "params.yaml"), tiny_demo_root, tracking_uri=uri)
+    params = dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, log_model=True))
+    params_path = folder / "params.yaml"
+    params_path.write_text(yaml.safe_dump(to_dict(params)))
+    result = sweep(str(params_path), str(folder / "outputs"))
+    return {"result": result, "folder": folder, "uri": uri, "params_path": params_path}
+
+
+def task_run_names(flow_run_id) -> list[str]:
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), task_run_filter=TaskRunFilter()
+            )
+            return [r.name for r in runs]
+
+    return run_coro_as_sync(read())
+
+
+def flow_runs():
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_runs()
+
+    return run_coro_as_sync(read())
+
+
+def test_sweep_runs_k1_and_k4_as_prefect_subflows_of_discrete_tasks(sweep_result):
+    runs = {r.name: r for r in flow_runs()}
+    assert {"dcml-K1-seed0", "dcml-K4-seed0"} <= runs.keys()
+    assert all(r.state.is_completed() for r in runs.values())
+    k4 = set(task_run_names(runs["dcml-K4-seed0"].id))
+    assert {"init-model", "embed-train-epoch-0", "cluster-epoch-0", "train-epochs-0-0", "cluster-epoch-1",
+            "train-epochs-1-1", "train-epochs-2-2", "embed-test-epoch-3", "evaluate-epoch-3"} <= k4
+    k1 = set(task_run_names(runs["dcml-K1-seed0"].id))
+    assert not any(name.startswith("cluster-") for name in k1)  # the baseline never clusters
+
+
+def test_run_files_parquet_and_plots(sweep_result):
+    result, folder = sweep_result["result"], sweep_result["folder"]
+    assert set(result["runs"]) == {"K1-seed0", "K4-seed0"}
+    k4 = Path(result["runs"]["K4-seed0"])
+    embeddings, labels, indices, meta = io.read_embeddings(k4 / "embeddings" / "test-epoch-0003.parquet")
+    assert embeddings.dtype == np.float32 and embeddings.shape == (len(labels), 32)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    assert meta["split"] == "test" and sorted(indices.tolist()) == list(range(len(labels)))
+    division = io.read_division(k4 / "divisions" / "division-epoch-0001.parquet")
+    assert division.num_clusters == 4 and set(np.unique(division.assignment)) == {0, 1, 2, 3}
+    for name in ("recall_curve.png", "cluster_sizes.png", "retrieval_grid.png"):
+        assert (k4 / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+    metrics = io.read_json(folder / "outputs" / "metrics.json")
+    assert set(metrics) == {"K1-seed0", "K4-seed0"} and 0 < metrics["K4-seed0"]["recall@1"] <= 1
+    assert "| K4-seed0 | 4 | 0 |" in (folder / "outputs" / "comparison.md").read_text()
+    assert (folder / "outputs" / "plots" / "recall_vs_k.png").exists()
+    assert not list(folder.rglob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_mlflow_parent_run_with_one_child_per_k(sweep_result):
+    client = mlflow.tracking.MlflowClient(sweep_result["uri"])
+    experiment = client.get_experiment_by_name("dcml-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "sweep"]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == {"K1-seed0", "K4-seed0"}
+    k4 = children["K4-seed0"]
+    assert k4.info.status == "FINISHED"
+    assert k4.data.params["cluster.num_learners"] == "4" and k4.data.params["train.epochs"] == "3"
+    assert {"git_commit", "dataset_version"} <= k4.data.tags.keys()
+    recall = client.get_metric_history(k4.info.run_id, "test/recall_at_1")
+    assert [m.step for m in recall] == [0, 1, 2, 3]
+    assert len(client.get_metric_history(k4.info.run_id, "train/images_per_second")) == 3
+    assert client.get_metric_history(k4.info.run_id, "division/size_entropy")
+    artifacts = {a.path for a in client.list_artifacts(k4.info.run_id)}
+    assert {"plots", "divisions", "embeddings", "metrics"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(k4.info.run_id, "plots")}
+    assert "plots/retrieval_grid.png" in plots
+    models = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+    assert len(models) >= 2
+
+
+def test_rerun_after_a_crash_resumes_from_the_last_completed_task(sweep_result):
+    from flows.divide_and_conquer import divide_and_conquer
+
+    k4 = Path(sweep_result["result"]["runs"]["K4-seed0"])
+    before = io.read_json(k4 / "metrics.json")
+    kept = k4 / "checkpoints" / "epoch-0002.pt"
+    kept_mtime = kept.stat().st_mtime_ns
+    # a crash during the last segment: its checkpoint, evaluation and report never appeared
+    for path in [k4 / "checkpoints" / "epoch-0003.pt", k4 / "embeddings" / "test-epoch-0003.parquet",
+                 k4 / "history" / "eval-epoch-0003.json", k4 / "metrics.json"]:
+        path.unlink()
+    shutil.rmtree(k4 / "plots")
+    result = divide_and_conquer(str(sweep_result["params_path"]), 4, 0, str(sweep_result["folder"] / "outputs"))
+    assert kept.stat().st_mtime_ns == kept_mtime  # finished work is not redone
+    assert result["recall@1"] == before["recall@1"]
+    assert (k4 / "plots" / "retrieval_grid.png").exists()
