@@ -9,14 +9,23 @@ from collections.abc import Sequence
 
 
 def _train(args: argparse.Namespace) -> None:
+    from dcml.config import load_params
     from flows.divide_and_conquer import divide_and_conquer
+    from tasks.runs import preflight
+
+    params = load_params(args.params)
+    k = args.num_learners or params.cluster.num_learners
+    preflight(args.params, [(k, params.seed if args.seed is None else args.seed)], args.out)
 
     result = divide_and_conquer(args.params, args.num_learners, args.seed, args.out)
     print(json.dumps(result, indent=2, default=str))
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from flows.sweep import sweep
+    from flows.sweep import sweep, sweep_points_of
+    from tasks.runs import preflight
+
+    preflight(args.params, sweep_points_of(args.params, args.num_learners, args.seeds), args.out)
 
     result = sweep(args.params, args.out, args.num_learners, args.seeds, args.concurrent or None, not args.keep)
     print(json.dumps(result, indent=2, default=str))

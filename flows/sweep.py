@@ -16,12 +16,20 @@ from dcml.config import load_params, with_num_learners
 from flows.divide_and_conquer import divide_and_conquer, run_folder
 from tasks import report, tracking
 from tasks.layout import RunLayout, run_name
-from tasks.runs import ensure_writable, validate_data
+from tasks.runs import preflight
 
 
 def sweep_points(num_learners: list[int], seeds: list[int]) -> list[tuple[int, int]]:
     """(K, seed) pairs, K=1 added when missing, sorted by K then seed."""
     return [(k, s) for k in sorted({1, *num_learners}) for s in sorted(set(seeds))]
+
+
+def sweep_points_of(
+    params_path: str, num_learners: list[int] | None, seeds: list[int] | None
+) -> list[tuple[int, int]]:
+    """The sweep's points: the arguments, else the ``sweep`` section of the params."""
+    params = load_params(params_path)
+    return sweep_points(list(num_learners or params.sweep.num_learners), list(seeds or params.sweep.seeds))
 
 
 @flow(name="dcml-sweep", flow_run_name="sweep-K{num_learners}")
@@ -39,11 +47,8 @@ def sweep(
     removed at the end (they stay in DVC's cache and MLflow), so DVC versions only the
     current sweep.
     """
-    params = load_params(params_path)
-    points = sweep_points(list(num_learners or params.sweep.num_learners), list(seeds or params.sweep.seeds))
-    for k, seed in points:  # every error before any training starts
-        validate_data(with_num_learners(params, k, seed))
-    ensure_writable(Path(out_dir))
+    points = sweep_points_of(params_path, num_learners, seeds)
+    params = preflight(params_path, points, out_dir)  # every error before any training starts
     parent_state = Path(out_dir) / "sweep-mlflow-run.json"
     parent_id = tracking.start_run(params, "sweep", str(parent_state))
 

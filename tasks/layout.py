@@ -44,11 +44,16 @@ class RunLayout:
 
 
 def params_digest(params_dict: dict) -> str:
-    """Short stable hash of a run's params: a changed config gets a fresh run folder."""
+    """Short stable hash of what a run computes: changed params get a fresh run folder.
+
+    ``tracking`` and ``sweep`` do not change a run's results, so they are left out: a
+    sweep with another K list reuses the runs it shares with the previous one.
+    """
     import hashlib
     import json
 
-    return hashlib.sha256(json.dumps(params_dict, sort_keys=True).encode()).hexdigest()[:8]
+    relevant = {k: v for k, v in params_dict.items() if k not in ("tracking", "sweep")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def run_name(num_learners: int, seed: int) -> str:

@@ -12,32 +12,51 @@ import yaml
 from dcml.config import ConfigError, Params, check_against_data, load_params, to_dict
 from dcml.data import DatasetBundle, build_bundle, load_splits
 from dcml.device import resolve_device
-from tasks.layout import RunLayout
+from tasks.layout import RunLayout, params_digest
 
 
 def write_run_params(params: Params, layout: RunLayout) -> Path:
-    """Freeze the run's params in its folder; a rerun must use the same params."""
+    """Freeze the run's params in its folder; a rerun must compute the same thing.
+
+    Only ``tracking``/``sweep`` may differ from the stored file (they don't change
+    results); the file is rewritten with the current values.
+    """
     from dcml.atomic import write_text_atomic
 
-    text = yaml.safe_dump(to_dict(params), sort_keys=False)
+    current = to_dict(params)
     if layout.params.exists():
-        if layout.params.read_text() != text:
+        stored = yaml.safe_load(layout.params.read_text())
+        if params_digest(stored) != params_digest(current):
             raise ConfigError(
                 f"{layout.root} holds a run with different params ({layout.params}); "
                 "remove that folder or choose another output folder"
             )
-        return layout.params
+    text = yaml.safe_dump(current, sort_keys=False)
     ensure_writable(layout.root)
+    layout.root.mkdir(parents=True, exist_ok=True)
     return write_text_atomic(layout.params, text)
 
 
 def ensure_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"output folder {folder} cannot be created: {error.strerror}") from error
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"output folder {folder} is not writable")
+    """Fail unless ``folder`` exists writable or can be created; creates nothing."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output folder {folder} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output folder {folder} is not writable ({existing} is read-only)")
+
+
+def preflight(params_path: str, points: list[tuple[int, int]], out_dir: str) -> Params:
+    """Every check that needs no compute: params, dataset, K vs classes, output folder."""
+    from dcml.config import with_num_learners
+
+    params = load_params(params_path)
+    for k, seed in points:
+        validate_data(with_num_learners(params, k, seed))
+    ensure_writable(Path(out_dir))
+    return params
 
 
 def run_params(layout: RunLayout) -> Params:

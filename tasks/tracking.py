@@ -67,13 +67,18 @@ def dataset_version(data_root: str) -> str:
 
 @task(name="start-tracking", task_run_name="start-tracking-{run_name}", retries=2, retry_delay_seconds=2)
 def start_run(params: Params, run_name: str, state_file: str, parent_run_id: str | None = None) -> str:
-    """Create (or, if ``state_file`` names one, reopen) the MLflow run; returns its id."""
+    """Create the MLflow run, or reopen the one ``state_file`` names; returns its id.
+
+    A run folder reused by another sweep (same params, new parent) gets a new child run
+    under the new parent; the flow then logs its history again from disk.
+    """
     state = Path(state_file)
     mlflow_client = client(params)
     if state.is_file():
-        run_id = io.read_json(state)["run_id"]
-        mlflow_client.update_run(run_id, status="RUNNING")
-        return run_id
+        previous = io.read_json(state)
+        if previous.get("parent_run_id") == parent_run_id:
+            mlflow_client.update_run(previous["run_id"], status="RUNNING")
+            return previous["run_id"]
     tags = {
         "mlflow.runName": run_name,
         "git_commit": git_commit(),
@@ -91,7 +96,7 @@ def start_run(params: Params, run_name: str, state_file: str, parent_run_id: str
         mlflow_client.log_batch(
             run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in items[start : start + 100]]
         )
-    io.write_json(state, {"run_id": run_id, "logged_epochs": []})
+    io.write_json(state, {"run_id": run_id, "parent_run_id": parent_run_id, "logged_epochs": []})
     return run_id
 
 
