@@ -51,5 +51,6 @@ def deploy_sweep(
         build=False,
         push=False,
         print_next_steps=False,
+        ignore_warnings=True,
     )
     return str(deployment_id)
