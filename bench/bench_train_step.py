@@ -5,7 +5,8 @@ already in memory, so the difference is the loop's own overhead (batch bookkeepi
 learner slicing, NaN checks, DataLoader over an in-memory dataset).
 
     python bench/bench_train_step.py --backbone small_cnn --image-size 64 --batch-size 32
-    python bench/bench_train_step.py --backbone resnet50 --image-size 224 --batch-size 80 --bf16 --channels-last
+    python bench/bench_train_step.py --backbone resnet50 --image-size 224 --batch-size 80 \
+        --bf16 --channels-last
 """
 
 from __future__ import annotations
@@ -53,10 +54,17 @@ def bench_ours(args, device) -> float:
     model, loss, optimizer = setup(args, device)
     images, labels = data(args)
     dataset = IndexedTensors(images, labels)
-    batches = [(step % args.num_learners, list(range(step * args.batch_size, (step + 1) * args.batch_size)))
-               for step in range(args.steps)]
-    kwargs = dict(epoch=0, num_learners=args.num_learners, device=device, bf16=args.bf16,
-                  channels_last=args.channels_last)
+    batches = [
+        (step % args.num_learners, list(range(step * args.batch_size, (step + 1) * args.batch_size)))
+        for step in range(args.steps)
+    ]
+    kwargs = dict(
+        epoch=0,
+        num_learners=args.num_learners,
+        device=device,
+        bf16=args.bf16,
+        channels_last=args.channels_last,
+    )
     train_epoch(model, loss, optimizer, dataset, batches[: args.warmup], **kwargs)
     _sync(device)
     stats = train_epoch(model, loss, optimizer, dataset, batches, **kwargs)
@@ -96,8 +104,12 @@ def _sync(device):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="small_cnn", choices=["small_cnn", "resnet18", "resnet34", "resnet50"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--backbone", default="small_cnn", choices=["small_cnn", "resnet18", "resnet34", "resnet50"]
+    )
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
@@ -111,9 +123,13 @@ def main() -> None:
     torch.manual_seed(0)
     bare = bench_bare(args, device)
     ours = bench_ours(args, device)
-    report = {**{k: v for k, v in vars(args).items()}, "device": str(device),
-              "bare_images_per_s": round(bare, 1), "dcml_images_per_s": round(ours, 1),
-              "overhead_percent": round(100 * (bare - ours) / bare, 1)}
+    report = {
+        **{k: v for k, v in vars(args).items()},
+        "device": str(device),
+        "bare_images_per_s": round(bare, 1),
+        "dcml_images_per_s": round(ours, 1),
+        "overhead_percent": round(100 * (bare - ours) / bare, 1),
+    }
     print(json.dumps(report, indent=2))
 
 

@@ -303,7 +303,9 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
             raise ConfigError(message)
     for k in params.sweep.num_learners:
         if k < 1 or m.embedding_dim % k:
-            raise ConfigError(f"sweep.num_learners: {k} does not divide model.embedding_dim ({m.embedding_dim})")
+            raise ConfigError(
+                f"sweep.num_learners: {k} does not divide model.embedding_dim ({m.embedding_dim})"
+            )
     if num_train_classes is not None:
         check_against_data(params, num_train_classes)
 

@@ -25,7 +25,6 @@ from dcml.schedule import Segment
 from dcml.train import EpochStats, Progress, build_optimizer, epoch_batches, set_epoch_lr, train_epoch
 
 
-
 def epoch_seed(seed: int, epoch: int) -> int:
     """Seed of epoch ``epoch``: resuming at any epoch reproduces an uninterrupted run."""
     return (seed * 100_003 + epoch) % (2**31)
@@ -63,7 +62,9 @@ class Trainer:
         trainer.model.load_state_dict(state["model"])
         trainer.loss.load_state_dict(state["loss"])
         trainer.optimizer.load_state_dict(state["optimizer"])
-        restore_rng_states({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state["rng"].items()})
+        restore_rng_states(
+            {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state["rng"].items()}
+        )
         trainer.epochs_done = state["epoch"]
         return trainer
 
@@ -89,7 +90,9 @@ class Trainer:
     ) -> list[EpochStats]:
         """Train epochs ``segment.start_epoch .. end_epoch-1`` on ``division``'s batches."""
         if self.epochs_done != segment.start_epoch:
-            raise RuntimeError(f"trainer is at epoch {self.epochs_done}, segment starts at {segment.start_epoch}")
+            raise RuntimeError(
+                f"trainer is at epoch {self.epochs_done}, segment starts at {segment.start_epoch}"
+            )
         t = self.params.train
         stats = []
         for epoch in range(segment.start_epoch, segment.end_epoch):
@@ -128,7 +131,12 @@ class Trainer:
         return stats
 
     def embed(
-        self, dataset: Dataset, *, num_learners: int = 1, features: bool = False, progress: Progress = lambda iterable, total: iterable
+        self,
+        dataset: Dataset,
+        *,
+        num_learners: int = 1,
+        features: bool = False,
+        progress: Progress = lambda iterable, total: iterable,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return embed_dataset(
             self.model,

@@ -1,9 +1,9 @@
 """Register the K sweep as a scheduled deployment on a local process work pool.
 
-    prefect server start --host 127.0.0.1            # terminal 1 (UI at http://127.0.0.1:4200)
-    export PREFECT_API_URL=http://127.0.0.1:4200/api
-    dcml deploy --cron "0 2 * * *"                     # creates pool + deployment
-    prefect worker start --pool dcml-process           # terminal 2: runs scheduled sweeps
+prefect server start --host 127.0.0.1            # terminal 1 (UI at http://127.0.0.1:4200)
+export PREFECT_API_URL=http://127.0.0.1:4200/api
+dcml deploy --cron "0 2 * * *"                     # creates pool + deployment
+prefect worker start --pool dcml-process           # terminal 2: runs scheduled sweeps
 """
 
 from __future__ import annotations

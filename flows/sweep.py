@@ -32,7 +32,7 @@ def sweep_points_of(
     return sweep_points(list(num_learners or params.sweep.num_learners), list(seeds or params.sweep.seeds))
 
 
-@flow(name="dcml-sweep", flow_run_name="sweep-K{num_learners}")
+@flow(name="dcml-sweep")
 def sweep(
     params_path: str = "params.yaml",
     out_dir: str = "outputs",
@@ -65,8 +65,9 @@ def sweep(
         run_dirs = {run_name(k, s): r["run_dir"] for (k, s), r in zip(points, results, strict=True)}
         metrics_path = report.compare_runs(out_dir, run_dirs)
         tracking.log_artifacts(
-            params, parent_id, {"comparison": str(Path(out_dir) / "comparison.md"),
-                                "plots": str(Path(out_dir) / "plots")}
+            params,
+            parent_id,
+            {"comparison": str(Path(out_dir) / "comparison.md"), "plots": str(Path(out_dir) / "plots")},
         )
         tracking.end_run(params, parent_id, "sweep")
     except BaseException:

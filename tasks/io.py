@@ -69,7 +69,11 @@ def write_division(path: str | Path, division: Division, labels: np.ndarray, **m
             "keep": pa.array(division.keep, pa.bool_()),
         }
     )
-    meta = {"num_clusters": division.num_clusters, "num_dropped": division.num_dropped, "stats": division.stats}
+    meta = {
+        "num_clusters": division.num_clusters,
+        "num_dropped": division.num_dropped,
+        "stats": division.stats,
+    }
     return _write_table(path, table, {**meta, **metadata})
 
 

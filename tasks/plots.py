@@ -26,9 +26,13 @@ def recall_curve(evaluations: Sequence[dict[str, float]], path: str | Path, titl
     """R@k against epoch, one line per k; ``evaluations`` rows have ``epoch`` and ``recall@k`` keys."""
     figure, axis = plt.subplots(figsize=(6, 4))
     epochs = [row["epoch"] for row in evaluations]
-    keys = sorted({k for row in evaluations for k in row if k.startswith("recall@")}, key=lambda k: int(k[7:]))
+    keys = sorted(
+        {k for row in evaluations for k in row if k.startswith("recall@")}, key=lambda k: int(k[7:])
+    )
     for key in keys:
-        axis.plot(epochs, [100 * row[key] for row in evaluations], marker="o", label=key.replace("recall", "R"))
+        axis.plot(
+            epochs, [100 * row[key] for row in evaluations], marker="o", label=key.replace("recall", "R")
+        )
     axis.set(xlabel="epoch", ylabel="recall (%)", title=title or "test recall@k")
     axis.grid(alpha=0.3)
     axis.legend()
@@ -80,18 +84,26 @@ def recall_vs_k(rows: Sequence[dict[str, float]], path: str | Path, key: str = "
     values = [[100 * row[key] for row in rows if int(row["num_learners"]) == k] for k in ks]
     figure, axis = plt.subplots(figsize=(5, 4))
     axis.errorbar(
-        [str(k) for k in ks], [np.mean(v) for v in values], yerr=[np.std(v) for v in values], marker="o", capsize=4
+        [str(k) for k in ks],
+        [np.mean(v) for v in values],
+        yerr=[np.std(v) for v in values],
+        marker="o",
+        capsize=4,
     )
     axis.set(xlabel="K (learners)", ylabel=key.replace("recall", "R") + " (%)", title=f"{key} vs K")
     axis.grid(alpha=0.3)
     return _save(figure, path)
 
 
-def recall_vs_epoch(curves: dict[str, Sequence[dict[str, float]]], path: str | Path, key: str = "recall@1") -> Path:
+def recall_vs_epoch(
+    curves: dict[str, Sequence[dict[str, float]]], path: str | Path, key: str = "recall@1"
+) -> Path:
     """``key`` against epoch, one line per run label (e.g. ``K=4 seed=0``)."""
     figure, axis = plt.subplots(figsize=(6, 4))
     for label, evaluations in curves.items():
-        axis.plot([r["epoch"] for r in evaluations], [100 * r[key] for r in evaluations], marker="o", label=label)
+        axis.plot(
+            [r["epoch"] for r in evaluations], [100 * r[key] for r in evaluations], marker="o", label=label
+        )
     axis.set(xlabel="epoch", ylabel=key.replace("recall", "R") + " (%)", title=f"{key} vs epoch per K")
     axis.grid(alpha=0.3)
     axis.legend()

@@ -97,17 +97,21 @@ def compare_runs(out_dir: str, run_dirs: dict[str, str]) -> str:
 
 
 def _dvc_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: round(float(v), 5) for k, v in metrics.items() if k.startswith(("recall@", "nmi", "map@", "r_prec"))}
+    return {
+        k: round(float(v), 5)
+        for k, v in metrics.items()
+        if k.startswith(("recall@", "nmi", "map@", "r_prec"))
+    }
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Runs as rows, metrics in percent as columns (recall@k by k first)."""
     keys = ["run", "num_learners", "seed"] + sorted(
         {k for row in rows for k in row if k.startswith(("recall@", "nmi", "map@r"))},
         key=lambda k: (not k.startswith("recall@"), int(k[7:]) if k.startswith("recall@") else 0, k),
     )
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:
-        cells = [f"{100 * row[k]:.2f}" if isinstance(row.get(k), float) and k not in ("seed",) else str(row.get(k, ""))
-                 for k in keys]
+        cells = [str(row.get(k, "")) if k in keys[:3] else f"{100 * row[k]:.2f}" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
+import torch
 import yaml
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
+from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 from prefect import task
 
 from dcml.config import Params, flatten
+from dcml.trainer import Trainer
 from tasks import io
-from tasks.layout import RunLayout
 
 PIP_REQUIREMENTS = ["torch>=2.4", "torchvision>=0.19", "numpy>=1.26"]
 
@@ -46,7 +47,9 @@ def experiment_id(params: Params) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -93,9 +96,7 @@ def start_run(params: Params, run_name: str, state_file: str, parent_run_id: str
     # MLflow accepts at most 100 params per batch.
     items = sorted(flatten(params).items())
     for start in range(0, len(items), 100):
-        mlflow_client.log_batch(
-            run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in items[start : start + 100]]
-        )
+        mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in items[start : start + 100]])
     io.write_json(state, {"run_id": run_id, "parent_run_id": parent_run_id, "logged_epochs": []})
     return run_id
 
@@ -131,16 +132,11 @@ def log_artifacts(params: Params, run_id: str, files: dict[str, str]) -> None:
 
 @task(name="log-model", task_run_name="log-model", retries=1)
 def log_model(params: Params, run_id: str, checkpoint: str) -> None:
-    """Final model via ``mlflow.pytorch.log_model`` (pt2 export, signature, pinned requirements)."""
-    from mlflow.models import infer_signature
-
-    from dcml.trainer import Trainer
-
-    model = Trainer.from_checkpoint(checkpoint, device=_cpu()).model.eval()
+    """Final model via ``mlflow.pytorch.log_model``: pt2 export of ``images -> embedding``
+    with a signature and explicit pip requirements (inference of requirements is slow)."""
+    model = Trainer.from_checkpoint(checkpoint, device=torch.device("cpu")).model.eval()
     size = params.data.image_size
     example = np.zeros((2, 3, size, size), dtype=np.float32)
-    import torch
-
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     mlflow.set_tracking_uri(params.tracking.mlflow_uri)
@@ -152,12 +148,6 @@ def log_model(params: Params, run_id: str, checkpoint: str) -> None:
             input_example=example,
             pip_requirements=PIP_REQUIREMENTS,
         )
-
-
-def _cpu() -> Any:
-    import torch
-
-    return torch.device("cpu")
 
 
 @task(name="end-tracking", task_run_name="end-tracking-{run_name}", retries=2, retry_delay_seconds=2)

@@ -12,7 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dcml.clustering import kmeans_seed
-from dcml.division import divide
+from dcml.division import all_data, divide
 from dcml.evaluate import evaluate_embeddings
 from dcml.schedule import Segment
 from dcml.trainer import Trainer
@@ -50,7 +50,14 @@ def embed(run_dir: str, checkpoint: str, split: str, epoch: int, num_learners: i
         dataset, num_learners=num_learners, features=features, progress=bar(f"embed {split} (epoch {epoch})")
     )
     io.write_embeddings(
-        path, embeddings, labels, indices, split=split, epoch=epoch, num_learners=num_learners, features=features
+        path,
+        embeddings,
+        labels,
+        indices,
+        split=split,
+        epoch=epoch,
+        num_learners=num_learners,
+        features=features,
     )
     return str(path)
 
@@ -90,8 +97,6 @@ def train(run_dir: str, checkpoint: str, division: str | None, segment: Segment)
     params = run_params(layout)
     bundle = bundle_for(params)
     trainer = Trainer.from_checkpoint(checkpoint, device_for(params))
-    from dcml.division import all_data
-
     learners_data = io.read_division(division) if division else all_data(len(bundle.splits.train))
     for start in range(segment.start_epoch, segment.end_epoch):
         one_epoch = Segment(start, start + 1, segment.mode, False, segment.num_clusters)

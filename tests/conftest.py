@@ -41,12 +41,23 @@ def shrink(params: Params, data_root: Path, tracking_uri: str = "sqlite:///:memo
     r = dataclasses.replace
     return r(
         params,
-        data=r(params.data, root=str(data_root), image_size=TINY_IMAGE_SIZE, resize_size=36,
-               demo=r(params.data.demo, images_per_class=TINY_IMAGES_PER_CLASS, image_size=TINY_IMAGE_SIZE)),
+        data=r(
+            params.data,
+            root=str(data_root),
+            image_size=TINY_IMAGE_SIZE,
+            resize_size=36,
+            demo=r(params.data.demo, images_per_class=TINY_IMAGES_PER_CLASS, image_size=TINY_IMAGE_SIZE),
+        ),
         model=r(params.model, embedding_dim=32),
         train=r(params.train, epochs=3, batch_size=16, images_per_class=4, device="cpu"),
-        cluster=r(params.cluster, num_learners=4, recluster_every=1, divide_until_epoch=2, finetune_from_epoch=2,
-                  niter=10),
+        cluster=r(
+            params.cluster,
+            num_learners=4,
+            recluster_every=1,
+            divide_until_epoch=2,
+            finetune_from_epoch=2,
+            niter=10,
+        ),
         eval=r(params.eval, batch_size=128),
         tracking=r(params.tracking, mlflow_uri=tracking_uri, log_model=False),
         sweep=r(params.sweep, num_learners=(1, 4), seeds=(0,)),

@@ -61,12 +61,18 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 180) -> N
 @pytest.fixture()
 def prefect_server(tmp_path):
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_API_HOST": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+    }
     env.pop("PREFECT_API_URL", None)
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/api"
     try:
@@ -80,25 +86,45 @@ def prefect_server(tmp_path):
 
 def test_scheduled_sweep_deployment_runs_on_a_process_worker(prefect_server, tiny_demo_root, tmp_path):
     env = prefect_server
-    params = shrink(load_params(REPO_ROOT / "params.yaml"), tiny_demo_root,
-                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = shrink(
+        load_params(REPO_ROOT / "params.yaml"),
+        tiny_demo_root,
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(to_dict(params)))
     out = tmp_path / "outputs"
     subprocess.run(
-        [str(BIN / "dcml"), "deploy", "--params", str(params_path), "--out", str(out), "--pool", "test-pool",
-         "--cron", "0 3 * * *"],
-        env=env, check=True, cwd=REPO_ROOT, timeout=300,
+        [
+            str(BIN / "dcml"),
+            "deploy",
+            "--params",
+            str(params_path),
+            "--out",
+            str(out),
+            "--pool",
+            "test-pool",
+            "--cron",
+            "0 3 * * *",
+        ],
+        env=env,
+        check=True,
+        cwd=REPO_ROOT,
+        timeout=300,
     )
     worker_log = open(tmp_path / "worker.log", "w")
     worker = subprocess.Popen(
         [str(BIN / "prefect"), "worker", "start", "--pool", "test-pool", "--type", "process"],
-        env=env, stdout=worker_log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        env=env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
     )
     try:
         code = TRIGGER_AND_WAIT
-        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                timeout=960, cwd=tmp_path)
+        result = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=960, cwd=tmp_path
+        )
     finally:
         worker.terminate()
         worker.wait(timeout=60)

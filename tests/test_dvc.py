@@ -31,8 +31,12 @@ def project(tmp_path_factory):
     for name in ("dcml", "tasks", "flows"):
         shutil.copytree(REPO_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
-    generate_demo_dataset(root / "data" / "demo", images_per_class=TINY_IMAGES_PER_CLASS, image_size=TINY_IMAGE_SIZE)
-    params = shrink(load_params(REPO_ROOT / "params.yaml"), Path("data/demo"), tracking_uri="sqlite:///mlflow.db")
+    generate_demo_dataset(
+        root / "data" / "demo", images_per_class=TINY_IMAGES_PER_CLASS, image_size=TINY_IMAGE_SIZE
+    )
+    params = shrink(
+        load_params(REPO_ROOT / "params.yaml"), Path("data/demo"), tracking_uri="sqlite:///mlflow.db"
+    )
     raw = to_dict(params)
     raw["overrides"] = {}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -41,8 +45,10 @@ def project(tmp_path_factory):
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PREFECT_HOME": str(root / ".prefect-home"),
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
     }
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n.prefect-home/\n")
     sh("git", "init", "-q", cwd=root, env=env)
@@ -76,4 +82,7 @@ def test_dvc_exp_run_with_another_k_list_reuses_the_baseline(project):
     text = json.dumps(shown)
     assert "K2-seed0" in text and "recall@1" in text
     assert (baseline / "checkpoints" / "epoch-0003.pt").stat().st_mtime_ns == stamp  # not retrained
-    assert sorted(p.name.rsplit("-", 1)[0] for p in (root / "outputs" / "runs").iterdir()) == ["K1-seed0", "K2-seed0"]
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (root / "outputs" / "runs").iterdir()) == [
+        "K1-seed0",
+        "K2-seed0",
+    ]

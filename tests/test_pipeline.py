@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def task_run_names(flow_run_id) -> list[str]:
     async def read():
         async with get_client() as client:
             runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), task_run_filter=TaskRunFilter()
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                task_run_filter=TaskRunFilter(),
             )
             return [r.name for r in runs]
 
@@ -69,8 +71,17 @@ def test_sweep_runs_k1_and_k4_as_prefect_subflows_of_discrete_tasks(sweep_result
     assert {"dcml-K1-seed0", "dcml-K4-seed0"} <= runs.keys()
     assert all(r.state.is_completed() for r in runs.values())
     k4 = set(task_run_names(runs["dcml-K4-seed0"].id))
-    assert {"init-model", "embed-train-epoch-0", "cluster-epoch-0", "train-epochs-0-0", "cluster-epoch-1",
-            "train-epochs-1-1", "train-epochs-2-2", "embed-test-epoch-3", "evaluate-epoch-3"} <= k4
+    assert {
+        "init-model",
+        "embed-train-epoch-0",
+        "cluster-epoch-0",
+        "train-epochs-0-0",
+        "cluster-epoch-1",
+        "train-epochs-1-1",
+        "train-epochs-2-2",
+        "embed-test-epoch-3",
+        "evaluate-epoch-3",
+    } <= k4
     k1 = set(task_run_names(runs["dcml-K1-seed0"].id))
     assert not any(name.startswith("cluster-") for name in k1)  # the baseline never clusters
 
@@ -99,7 +110,9 @@ def test_mlflow_parent_run_with_one_child_per_k(sweep_result):
     experiment = client.get_experiment_by_name("dcml-demo")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.info.run_name == "sweep"]
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    children = {
+        r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    }
     assert set(children) == {"K1-seed0", "K4-seed0"}
     k4 = children["K4-seed0"]
     assert k4.info.status == "FINISHED"
@@ -125,11 +138,30 @@ def test_rerun_after_a_crash_resumes_from_the_last_completed_task(sweep_result):
     kept = k4 / "checkpoints" / "epoch-0002.pt"
     kept_mtime = kept.stat().st_mtime_ns
     # a crash during the last segment: its checkpoint, evaluation and report never appeared
-    for path in [k4 / "checkpoints" / "epoch-0003.pt", k4 / "embeddings" / "test-epoch-0003.parquet",
-                 k4 / "history" / "eval-epoch-0003.json", k4 / "metrics.json"]:
+    for path in [
+        k4 / "checkpoints" / "epoch-0003.pt",
+        k4 / "embeddings" / "test-epoch-0003.parquet",
+        k4 / "history" / "eval-epoch-0003.json",
+        k4 / "metrics.json",
+    ]:
         path.unlink()
     shutil.rmtree(k4 / "plots")
-    result = divide_and_conquer(str(sweep_result["params_path"]), 4, 0, str(sweep_result["folder"] / "outputs"))
+    result = divide_and_conquer(
+        str(sweep_result["params_path"]), 4, 0, str(sweep_result["folder"] / "outputs")
+    )
     assert kept.stat().st_mtime_ns == kept_mtime  # finished work is not redone
     assert result["recall@1"] == before["recall@1"]
     assert (k4 / "plots" / "retrieval_grid.png").exists()
+
+
+def test_final_model_is_the_last_epoch_never_selected_on_test(sweep_result, capsys):
+    """The authors kept the epoch with the best *test* R@1; we report the last epoch."""
+    from flows.cli import main
+
+    k4 = Path(sweep_result["result"]["runs"]["K4-seed0"])
+    last = io.read_json(k4 / "history" / "eval-epoch-0003.json")
+    final = io.read_json(k4 / "metrics.json")
+    assert final["epoch"] == 3 and final["recall@1"] == last["recall@1"]
+    assert main(["evaluate", str(k4 / "checkpoints" / "epoch-0003.pt"), "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["epoch"] == 3 and printed["recall@1"] == pytest.approx(last["recall@1"])

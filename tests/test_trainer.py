@@ -34,7 +34,9 @@ def assert_same_weights(a, b):
 
 def test_k1_reproduces_the_plain_baseline(tiny_params, bundle):
     """K=1 through the schedule == a bare loop: all data, class-balanced batches, full embedding."""
-    params = dataclasses.replace(tiny_params, cluster=dataclasses.replace(tiny_params.cluster, num_learners=1))
+    params = dataclasses.replace(
+        tiny_params, cluster=dataclasses.replace(tiny_params.cluster, num_learners=1)
+    )
     labels = bundle.splits.train.labels
     trainer = Trainer.create(params, bundle.splits.train.num_classes, CPU)
     for segment in plan_from_params(params):
@@ -48,7 +50,11 @@ def test_k1_reproduces_the_plain_baseline(tiny_params, bundle):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         sampler = ClassBalancedBatchSampler(
-            labels, np.arange(len(labels)), t.batch_size // t.images_per_class, t.images_per_class, seed=params.seed * 1009
+            labels,
+            np.arange(len(labels)),
+            t.batch_size // t.images_per_class,
+            t.images_per_class,
+            seed=params.seed * 1009,
         )
         sampler.set_epoch(epoch)
         plain.model.train()
@@ -107,8 +113,12 @@ def test_checkpoint_write_is_atomic(tmp_path, tiny_params, bundle):
 def test_segment_must_start_where_the_trainer_is(tiny_params, bundle):
     trainer = Trainer.create(tiny_params, bundle.splits.train.num_classes, CPU)
     with pytest.raises(RuntimeError, match="segment starts at 1"):
-        trainer.train_segment(Segment(1, 2, "finetune", False, 1), bundle.train, bundle.splits.train.labels,
-                              all_data(len(bundle.splits.train)))
+        trainer.train_segment(
+            Segment(1, 2, "finetune", False, 1),
+            bundle.train,
+            bundle.splits.train.labels,
+            all_data(len(bundle.splits.train)),
+        )
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_params, bundle):
@@ -116,16 +126,26 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_params, bundle):
     with torch.no_grad():
         trainer.model.embedding.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match="epoch 0"):
-        trainer.train_segment(Segment(0, 1, "finetune", False, 1), bundle.train, bundle.splits.train.labels,
-                              all_data(len(bundle.splits.train)))
+        trainer.train_segment(
+            Segment(0, 1, "finetune", False, 1),
+            bundle.train,
+            bundle.splits.train.labels,
+            all_data(len(bundle.splits.train)),
+        )
 
 
 def test_learnable_beta_is_optimised_by_the_trainer(tiny_params, bundle):
     loss = dataclasses.replace(tiny_params.loss, beta_mode="per_class")
-    trainer = Trainer.create(dataclasses.replace(tiny_params, loss=loss), bundle.splits.train.num_classes, CPU)
+    trainer = Trainer.create(
+        dataclasses.replace(tiny_params, loss=loss), bundle.splits.train.num_classes, CPU
+    )
     before = [p.detach().clone() for p in trainer.loss.parameters()]
     assert before, "a learnable beta must be a parameter of the loss"
     assert any(g["name"] == "loss" for g in trainer.optimizer.param_groups)
-    trainer.train_segment(Segment(0, 1, "finetune", False, 1), bundle.train, bundle.splits.train.labels,
-                          all_data(len(bundle.splits.train)))
+    trainer.train_segment(
+        Segment(0, 1, "finetune", False, 1),
+        bundle.train,
+        bundle.splits.train.labels,
+        all_data(len(bundle.splits.train)),
+    )
     assert any(not torch.equal(b, a) for b, a in zip(before, trainer.loss.parameters(), strict=True))

@@ -14,7 +14,7 @@ from dcml.config import DataConfig
 from dcml.data.demo import demo_class_split
 from dcml.data.errors import DatasetError
 from dcml.data.folder import ImageDataset, drop_unreadable, scan_class_folder, split_by_classes
-from dcml.data.records import ImageRecords, Splits
+from dcml.data.records import Splits
 from dcml.data.transforms import eval_transform, train_transform
 
 __all__ = ["DatasetBundle", "DatasetError", "build_bundle", "load_splits"]
@@ -30,7 +30,10 @@ def load_splits(config: DataConfig) -> Splits:
             # split has every group and factor value in both train and test.
             train_classes, test_classes = demo_class_split()
         return split_by_classes(
-            records, train_ratio=config.split.train_ratio, train_classes=train_classes, test_classes=test_classes
+            records,
+            train_ratio=config.split.train_ratio,
+            train_classes=train_classes,
+            test_classes=test_classes,
         )
     from dcml.data.benchmarks import load_benchmark
 
@@ -71,7 +74,3 @@ def _without_unreadable(splits: Splits) -> tuple[Splits, int]:
     train, bad_train = drop_unreadable(splits.train)
     test, bad_test = drop_unreadable(splits.test)
     return replace(splits, train=train, test=test), len(bad_train) + len(bad_test)
-
-
-def records_summary(records: ImageRecords) -> dict[str, int]:
-    return {"images": len(records), "classes": records.num_classes}
