@@ -72,9 +72,7 @@ def bench_once(dim: int, n: int, num_classes: int, with_nmi: bool, chunk_size: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 2048])
     parser.add_argument("--n", type=int, default=SOP_TEST_IMAGES)
     parser.add_argument("--classes", type=int, default=SOP_TEST_CLASSES)
@@ -89,9 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         command = [sys.executable, __file__, "--single", "--dims", str(dim), "--n", str(args.n)]
         command += ["--classes", str(args.classes), "--chunk-size", str(args.chunk_size)]
         command += ["--nmi"] if args.nmi else []
-        env = os.environ | {
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        }
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
         print(output.strip().splitlines()[-1], flush=True)
 

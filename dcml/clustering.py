@@ -106,9 +106,7 @@ def _num_clusters(previous: np.ndarray, current: np.ndarray, num_clusters: int |
     return num_clusters
 
 
-def match_clusters(
-    previous: np.ndarray, current: np.ndarray, *, num_clusters: int | None = None
-) -> np.ndarray:
+def match_clusters(previous: np.ndarray, current: np.ndarray, *, num_clusters: int | None = None) -> np.ndarray:
     """Relabel ``current`` so each learner keeps the cluster overlapping its previous one most.
 
     Hungarian assignment on cost[new i, old j] = |i Δ j| = |i| + |j| - 2|i ∩ j|; new

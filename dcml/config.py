@@ -258,8 +258,7 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
         (t.images_per_class >= 2, "train.images_per_class must be >= 2 (positives needed)"),
         (
             t.batch_size % t.images_per_class == 0,
-            f"train.batch_size ({t.batch_size}) must be divisible by "
-            f"train.images_per_class ({t.images_per_class})",
+            f"train.batch_size ({t.batch_size}) must be divisible by train.images_per_class ({t.images_per_class})",
         ),
         (t.batch_size // t.images_per_class >= 2, "train.batch_size must hold >= 2 classes"),
         (t.lr_backbone >= 0 and t.lr_embedding > 0, "train learning rates must be positive"),
@@ -267,8 +266,7 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
         (c.num_learners >= 1, "cluster.num_learners must be >= 1"),
         (
             m.embedding_dim % c.num_learners == 0,
-            f"model.embedding_dim ({m.embedding_dim}) must be divisible by "
-            f"cluster.num_learners ({c.num_learners})",
+            f"model.embedding_dim ({m.embedding_dim}) must be divisible by cluster.num_learners ({c.num_learners})",
         ),
         (c.recluster_every >= 1, "cluster.recluster_every must be >= 1"),
         (
@@ -303,9 +301,7 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
             raise ConfigError(message)
     for k in params.sweep.num_learners:
         if k < 1 or m.embedding_dim % k:
-            raise ConfigError(
-                f"sweep.num_learners: {k} does not divide model.embedding_dim ({m.embedding_dim})"
-            )
+            raise ConfigError(f"sweep.num_learners: {k} does not divide model.embedding_dim ({m.embedding_dim})")
     if num_train_classes is not None:
         check_against_data(params, num_train_classes)
 

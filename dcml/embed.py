@@ -39,9 +39,7 @@ def embed_dataset(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    autocast = torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"
-    )
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     chunks, all_labels, all_indices = [], [], []
     try:

@@ -41,6 +41,4 @@ def evaluate_embeddings(
 def evaluate_bundle(trainer: Trainer, bundle: DatasetBundle, *, num_learners: int) -> dict[str, float]:
     """Embed the test split with ``trainer``'s model and evaluate it."""
     embeddings, labels, _ = trainer.embed(bundle.test, num_learners=num_learners)
-    return evaluate_embeddings(
-        embeddings, labels, bundle.splits, trainer.params.eval, seed=trainer.params.seed
-    )
+    return evaluate_embeddings(embeddings, labels, bundle.splits, trainer.params.eval, seed=trainer.params.seed)

@@ -64,9 +64,7 @@ def fit(
     trainer = Trainer.create(params, bundle.splits.train.num_classes, device)
     result = FitResult(trainer)
     if evaluate_untrained:
-        result.evaluations.append(
-            (0, evaluate_bundle(trainer, bundle, num_learners=params.cluster.num_learners))
-        )
+        result.evaluations.append((0, evaluate_bundle(trainer, bundle, num_learners=params.cluster.num_learners)))
     division: Division | None = None
     for segment in plan_from_params(params):
         new_division = next_division(trainer, bundle, segment, division, len(result.divisions))

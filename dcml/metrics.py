@@ -28,9 +28,7 @@ def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def _drop_self(
-    distances: np.ndarray, indices: np.ndarray, self_ids: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _drop_self(distances: np.ndarray, indices: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Remove from each row its own index (first occurrence), else the last column.
 
     Exact duplicates can push the query out of its own k+1 list or ahead of it; either way
@@ -96,9 +94,7 @@ def knn(
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest gallery items of each query: ``(distances (n, k) float32 squared L2,
     indices (n, k) int64)``, ascending distance. See :func:`iter_knn`."""
-    blocks = list(
-        iter_knn(queries, gallery, k, exclude_self=exclude_self, chunk_size=chunk_size, use_gpu=use_gpu)
-    )
+    blocks = list(iter_knn(queries, gallery, k, exclude_self=exclude_self, chunk_size=chunk_size, use_gpu=use_gpu))
     if not blocks:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
     return np.concatenate([b[1] for b in blocks]), np.concatenate([b[2] for b in blocks])

@@ -37,9 +37,7 @@ Progress = Callable[[Iterable, int], Iterable]  # (iterable, total) -> iterable,
 Batch = tuple[int | None, list[int]]  # (learner or None for the full embedding, indices)
 
 
-def build_optimizer(
-    model: nn.Module, loss: nn.Module, config: TrainConfig, beta_lr: float
-) -> torch.optim.Adam:
+def build_optimizer(model: nn.Module, loss: nn.Module, config: TrainConfig, beta_lr: float) -> torch.optim.Adam:
     """Adam with backbone / embedding groups (and β when the loss has parameters)."""
     groups = model.parameter_groups()
     param_groups = [
@@ -111,9 +109,7 @@ def train_epoch(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    autocast = torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"
-    )
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     total_loss, num_images, start = 0.0, 0, time.perf_counter()
     for step, ((learner, _), (images, labels, _)) in enumerate(
@@ -125,9 +121,7 @@ def train_epoch(
             embeddings = model(images, num_learners=num_learners, learner=learner)
         loss = loss_fn(embeddings.float(), labels, generator=generator)
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at epoch {epoch}, batch {step}; lower the learning rate"
-            )
+            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, batch {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -62,9 +62,7 @@ class Trainer:
         trainer.model.load_state_dict(state["model"])
         trainer.loss.load_state_dict(state["loss"])
         trainer.optimizer.load_state_dict(state["optimizer"])
-        restore_rng_states(
-            {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state["rng"].items()}
-        )
+        restore_rng_states({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state["rng"].items()})
         trainer.epochs_done = state["epoch"]
         return trainer
 
@@ -90,9 +88,7 @@ class Trainer:
     ) -> list[EpochStats]:
         """Train epochs ``segment.start_epoch .. end_epoch-1`` on ``division``'s batches."""
         if self.epochs_done != segment.start_epoch:
-            raise RuntimeError(
-                f"trainer is at epoch {self.epochs_done}, segment starts at {segment.start_epoch}"
-            )
+            raise RuntimeError(f"trainer is at epoch {self.epochs_done}, segment starts at {segment.start_epoch}")
         t = self.params.train
         stats = []
         for epoch in range(segment.start_epoch, segment.end_epoch):

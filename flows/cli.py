@@ -27,9 +27,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
     preflight(args.params, sweep_points_of(args.params, args.num_learners, args.seeds), args.out)
 
-    result = sweep(
-        args.params, args.out, args.num_learners, args.seeds, args.concurrent or None, not args.keep
-    )
+    result = sweep(args.params, args.out, args.num_learners, args.seeds, args.concurrent or None, not args.keep)
     print(json.dumps(result, indent=2, default=str))
 
 
@@ -42,14 +40,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     from dcml.trainer import Trainer
 
     trainer = Trainer.from_checkpoint(args.checkpoint, resolve_device(args.device))
-    data = (
-        trainer.params.data if args.data_root is None else replace(trainer.params.data, root=args.data_root)
-    )
+    data = trainer.params.data if args.data_root is None else replace(trainer.params.data, root=args.data_root)
     bundle = build_bundle(load_splits(data), data)
     embeddings, labels, _ = trainer.embed(bundle.test, num_learners=args.num_learners)
-    metrics = evaluate_embeddings(
-        embeddings, labels, bundle.splits, trainer.params.eval, seed=trainer.params.seed
-    )
+    metrics = evaluate_embeddings(embeddings, labels, bundle.splits, trainer.params.eval, seed=trainer.params.seed)
     print(json.dumps({"checkpoint": args.checkpoint, "epoch": trainer.epochs_done, **metrics}, indent=2))
 
 
@@ -65,9 +59,8 @@ def _demo(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from dcml.data.benchmarks import inspect_dataset
 
-    report = inspect_dataset(
-        args.dataset, args.root, check_images=not args.no_check_images, vehicleid_test_size=args.vehicleid_test_size
-    )
+    check_images, test_size = not args.no_check_images, args.vehicleid_test_size
+    report = inspect_dataset(args.dataset, args.root, check_images=check_images, vehicleid_test_size=test_size)
     print(json.dumps(report, indent=2))
 
 
@@ -85,34 +78,24 @@ def parser() -> argparse.ArgumentParser:
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        sub.add_argument(
-            "--out", default="outputs", help="output folder for runs and reports (default: outputs)"
-        )
+        sub.add_argument("--out", default="outputs", help="output folder for runs and reports (default: outputs)")
 
     train = commands.add_parser("train", help="one Divide-and-Conquer run (Prefect flow)")
     common(train)
-    train.add_argument(
-        "--num-learners", "-k", type=int, help="K, overrides cluster.num_learners (1 = baseline)"
-    )
+    train.add_argument("--num-learners", "-k", type=int, help="K, overrides cluster.num_learners (1 = baseline)")
     train.add_argument("--seed", type=int, help="overrides the top-level seed")
     train.set_defaults(func=_train)
 
-    sweep = commands.add_parser(
-        "sweep", help="train every K of sweep.num_learners (K=1 always added) and compare"
-    )
+    sweep = commands.add_parser("sweep", help="train every K of sweep.num_learners (K=1 always added) and compare")
     common(sweep)
-    sweep.add_argument(
-        "--num-learners", "-k", type=int, nargs="+", help="K values (default: sweep.num_learners)"
-    )
+    sweep.add_argument("--num-learners", "-k", type=int, nargs="+", help="K values (default: sweep.num_learners)")
     sweep.add_argument("--seeds", type=int, nargs="+", help="seeds (default: sweep.seeds)")
     sweep.add_argument("--concurrent", action="store_true", help="run the K values concurrently (threads)")
     sweep.add_argument("--keep", action="store_true", help="keep run folders of other params under OUT/runs")
     sweep.set_defaults(func=_sweep)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on its test split, print JSON")
-    evaluate.add_argument(
-        "checkpoint", help="a checkpoint written by training (outputs/runs/*/checkpoints/*.pt)"
-    )
+    evaluate.add_argument("checkpoint", help="a checkpoint written by training (outputs/runs/*/checkpoints/*.pt)")
     evaluate.add_argument("--data-root", help="dataset folder if it moved since training")
     evaluate.add_argument(
         "--num-learners",
@@ -124,33 +107,25 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.set_defaults(func=_evaluate)
 
-    data = commands.add_parser("data", help="dataset tools").add_subparsers(
-        dest="data_command", required=True
-    )
+    data = commands.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     demo = data.add_parser("demo", help="generate the embedded demo dataset (deterministic, offline)")
     demo.add_argument("--root", default="data/demo")
     demo.add_argument("--images-per-class", type=int, default=30)
     demo.add_argument("--image-size", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
-    inspect = data.add_parser(
-        "inspect", help="validate a benchmark folder and print counts per split as JSON"
-    )
-    inspect.add_argument(
-        "--dataset", required=True, choices=["cub200", "cars196", "sop", "inshop", "vehicleid"]
-    )
+    inspect = data.add_parser("inspect", help="validate a benchmark folder and print counts per split as JSON")
+    inspect.add_argument("--dataset", required=True, choices=["cub200", "cars196", "sop", "inshop", "vehicleid"])
     inspect.add_argument("--root", required=True, help="the dataset's folder as extracted from its archive")
     inspect.add_argument(
-        "--no-check-images", action="store_true", help="only check that files exist; skip decoding every image"
+        "--no-check-images", action="store_true", help="only check that files exist; do not decode images"
     )
     inspect.add_argument(
-        "--vehicleid-test-size", type=int, choices=[800, 1600, 2400], help="VehicleID: one test list (default: all)"
+        "--vehicleid-test-size", type=int, choices=[800, 1600, 2400], help="VehicleID: one test list (default all)"
     )
     inspect.set_defaults(func=_inspect)
 
-    serve = commands.add_parser(
-        "deploy", help="register the sweep as a scheduled deployment on a process work pool"
-    )
+    serve = commands.add_parser("deploy", help="register the sweep as a scheduled deployment on a process work pool")
     common(serve)
     serve.add_argument("--name", default="k-sweep", help="deployment name")
     serve.add_argument("--pool", default="dcml-process", help="process work pool (created if missing)")

@@ -49,32 +49,24 @@ def divide_and_conquer(
     run_id = tracking.start_run(params, name, state, parent_run_id)
     try:
         checkpoint = training.init_model(run_dir)
-        test_embeddings = _evaluate(
-            params, run_id, run_dir, state, checkpoint, 0, params.cluster.num_learners
-        )
+        test_embeddings = _evaluate(params, run_id, run_dir, state, checkpoint, 0, params.cluster.num_learners)
         division: str | None = None
         division_index = 0
         for segment in plan_from_params(params):
             if segment.mode == "finetune":
                 division = None
             elif segment.recluster or division is None:
-                embeddings = training.embed(
-                    run_dir, checkpoint, "train", segment.start_epoch, segment.num_learners
-                )
+                embeddings = training.embed(run_dir, checkpoint, "train", segment.start_epoch, segment.num_learners)
                 division = training.cluster(
                     run_dir, embeddings, division, segment.num_clusters, division_index, segment.start_epoch
                 )
                 division_index += 1
                 stats = io.read_division(division).stats
-                tracking.log_metrics(
-                    params, run_id, segment.start_epoch, _prefixed("division/", stats), state
-                )
+                tracking.log_metrics(params, run_id, segment.start_epoch, _prefixed("division/", stats), state)
             checkpoint = training.train(run_dir, checkpoint, division, segment)
             for epoch in range(segment.start_epoch, segment.end_epoch):
                 epoch_stats = io.read_json(layout.epoch_stats(epoch))
-                numbers = {
-                    k: v for k, v in epoch_stats.items() if k in ("loss", "seconds", "images_per_second")
-                }
+                numbers = {k: v for k, v in epoch_stats.items() if k in ("loss", "seconds", "images_per_second")}
                 tracking.log_metrics(params, run_id, epoch + 1, _prefixed("train/", numbers), state)
             test_embeddings = _evaluate(
                 params, run_id, run_dir, state, checkpoint, segment.end_epoch, segment.num_learners
@@ -101,9 +93,7 @@ def divide_and_conquer(
     return {**final, "run_dir": run_dir, "mlflow_run_id": run_id}
 
 
-def _evaluate(
-    params: Params, run_id: str, run_dir: str, state: str, checkpoint: str, epoch: int, learners: int
-) -> str:
+def _evaluate(params: Params, run_id: str, run_dir: str, state: str, checkpoint: str, epoch: int, learners: int) -> str:
     embeddings = training.embed(run_dir, checkpoint, "test", epoch, learners)
     metrics = io.read_json(training.evaluate(run_dir, embeddings, epoch))
     tracking.log_metrics(

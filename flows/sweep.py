@@ -24,9 +24,7 @@ def sweep_points(num_learners: list[int], seeds: list[int]) -> list[tuple[int, i
     return [(k, s) for k in sorted({1, *num_learners}) for s in sorted(set(seeds))]
 
 
-def sweep_points_of(
-    params_path: str, num_learners: list[int] | None, seeds: list[int] | None
-) -> list[tuple[int, int]]:
+def sweep_points_of(params_path: str, num_learners: list[int] | None, seeds: list[int] | None) -> list[tuple[int, int]]:
     """The sweep's points: the arguments, else the ``sweep`` section of the params."""
     params = load_params(params_path)
     return sweep_points(list(num_learners or params.sweep.num_learners), list(seeds or params.sweep.seeds))

@@ -26,13 +26,9 @@ def recall_curve(evaluations: Sequence[dict[str, float]], path: str | Path, titl
     """R@k against epoch, one line per k; ``evaluations`` rows have ``epoch`` and ``recall@k`` keys."""
     figure, axis = plt.subplots(figsize=(6, 4))
     epochs = [row["epoch"] for row in evaluations]
-    keys = sorted(
-        {k for row in evaluations for k in row if k.startswith("recall@")}, key=lambda k: int(k[7:])
-    )
+    keys = sorted({k for row in evaluations for k in row if k.startswith("recall@")}, key=lambda k: int(k[7:]))
     for key in keys:
-        axis.plot(
-            epochs, [100 * row[key] for row in evaluations], marker="o", label=key.replace("recall", "R")
-        )
+        axis.plot(epochs, [100 * row[key] for row in evaluations], marker="o", label=key.replace("recall", "R"))
     axis.set(xlabel="epoch", ylabel="recall (%)", title=title or "test recall@k")
     axis.grid(alpha=0.3)
     axis.legend()
@@ -95,15 +91,11 @@ def recall_vs_k(rows: Sequence[dict[str, float]], path: str | Path, key: str = "
     return _save(figure, path)
 
 
-def recall_vs_epoch(
-    curves: dict[str, Sequence[dict[str, float]]], path: str | Path, key: str = "recall@1"
-) -> Path:
+def recall_vs_epoch(curves: dict[str, Sequence[dict[str, float]]], path: str | Path, key: str = "recall@1") -> Path:
     """``key`` against epoch, one line per run label (e.g. ``K=4 seed=0``)."""
     figure, axis = plt.subplots(figsize=(6, 4))
     for label, evaluations in curves.items():
-        axis.plot(
-            [r["epoch"] for r in evaluations], [100 * r[key] for r in evaluations], marker="o", label=label
-        )
+        axis.plot([r["epoch"] for r in evaluations], [100 * r[key] for r in evaluations], marker="o", label=label)
     axis.set(xlabel="epoch", ylabel=key.replace("recall", "R") + " (%)", title=f"{key} vs epoch per K")
     axis.grid(alpha=0.3)
     axis.legend()

@@ -97,11 +97,7 @@ def compare_runs(out_dir: str, run_dirs: dict[str, str]) -> str:
 
 
 def _dvc_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {
-        k: round(float(v), 5)
-        for k, v in metrics.items()
-        if k.startswith(("recall@", "nmi", "map@", "r_prec"))
-    }
+    return {k: round(float(v), 5) for k, v in metrics.items() if k.startswith(("recall@", "nmi", "map@", "r_prec"))}
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

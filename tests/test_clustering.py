@@ -44,9 +44,7 @@ def test_kmeans_nredo_is_honoured():
 
 
 def test_build_kmeans_carries_every_parameter():
-    model = clustering.build_kmeans(
-        8, 5, niter=7, nredo=3, seed=11, max_points_per_centroid=17, use_gpu=False
-    )
+    model = clustering.build_kmeans(8, 5, niter=7, nredo=3, seed=11, max_points_per_centroid=17, use_gpu=False)
     assert (model.cp.niter, model.cp.nredo, model.cp.seed) == (7, 3, 11)
     assert model.cp.max_points_per_centroid == 17 and not model.cp.verbose
 

@@ -60,9 +60,7 @@ def test_params_are_frozen():
 def test_bad_params_name_the_key(tmp_path, mutate, message):
     raw = raw_params()
     mutate(raw)
-    with pytest.raises(
-        ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
-    ):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_params(write(tmp_path, raw))
 
 

@@ -59,9 +59,7 @@ def test_cluster_space_embedding_or_backbone(tiny_params, monkeypatch):
     monkeypatch.setattr("dcml.fit.divide", spy)
     segment = Segment(0, 1, "divide", True, 4)
     for space, expected_dim in [("embedding", tiny_params.model.embedding_dim), ("backbone", None)]:
-        params = dataclasses.replace(
-            tiny_params, cluster=dataclasses.replace(tiny_params.cluster, space=space)
-        )
+        params = dataclasses.replace(tiny_params, cluster=dataclasses.replace(tiny_params.cluster, space=space))
         trainer = Trainer.create(params, bundle.splits.train.num_classes, torch.device("cpu"))
         next_division(trainer, bundle, segment, None, 0)
         if expected_dim is None:

@@ -31,12 +31,8 @@ def project(tmp_path_factory):
     for name in ("dcml", "tasks", "flows"):
         shutil.copytree(REPO_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
-    generate_demo_dataset(
-        root / "data" / "demo", images_per_class=TINY_IMAGES_PER_CLASS, image_size=TINY_IMAGE_SIZE
-    )
-    params = shrink(
-        load_params(REPO_ROOT / "params.yaml"), Path("data/demo"), tracking_uri="sqlite:///mlflow.db"
-    )
+    generate_demo_dataset(root / "data" / "demo", images_per_class=TINY_IMAGES_PER_CLASS, image_size=TINY_IMAGE_SIZE)
+    params = shrink(load_params(REPO_ROOT / "params.yaml"), Path("data/demo"), tracking_uri="sqlite:///mlflow.db")
     raw = to_dict(params)
     raw["overrides"] = {}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -146,12 +146,8 @@ def test_query_gallery_matches_brute_force(data, chunk_size):
     query_labels[0] = -5  # a query whose label is absent from the gallery: R = 0, recall miss
     ks = [1, 3, 10, len(gallery)]
     relevant = (gallery_labels[None, :] == query_labels[:, None]).sum(1)
-    expected = reference_metrics(
-        brute_force_order(query, gallery, False), query_labels, gallery_labels, relevant, ks
-    )
-    got = metrics.evaluate_query_gallery(
-        query, query_labels, gallery, gallery_labels, ks, chunk_size=chunk_size
-    )
+    expected = reference_metrics(brute_force_order(query, gallery, False), query_labels, gallery_labels, relevant, ks)
+    got = metrics.evaluate_query_gallery(query, query_labels, gallery, gallery_labels, ks, chunk_size=chunk_size)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-12), key
     recalls = metrics.recall_at_k_query_gallery(query, query_labels, gallery, gallery_labels, ks)

@@ -110,9 +110,7 @@ def test_mlflow_parent_run_with_one_child_per_k(sweep_result):
     experiment = client.get_experiment_by_name("dcml-demo")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.info.run_name == "sweep"]
-    children = {
-        r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
-    }
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert set(children) == {"K1-seed0", "K4-seed0"}
     k4 = children["K4-seed0"]
     assert k4.info.status == "FINISHED"
@@ -146,9 +144,7 @@ def test_rerun_after_a_crash_resumes_from_the_last_completed_task(sweep_result):
     ]:
         path.unlink()
     shutil.rmtree(k4 / "plots")
-    result = divide_and_conquer(
-        str(sweep_result["params_path"]), 4, 0, str(sweep_result["folder"] / "outputs")
-    )
+    result = divide_and_conquer(str(sweep_result["params_path"]), 4, 0, str(sweep_result["folder"] / "outputs"))
     assert kept.stat().st_mtime_ns == kept_mtime  # finished work is not redone
     assert result["recall@1"] == before["recall@1"]
     assert (k4 / "plots" / "retrieval_grid.png").exists()

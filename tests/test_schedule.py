@@ -21,9 +21,7 @@ def test_divide_then_finetune_with_recluster_every_two():
 
 def test_authors_8_19_behaviour_is_expressible():
     """Full-embedding loss from epoch 80 (batches still clustered), K=1 on all data from 190."""
-    segments = plan(
-        epochs=200, num_learners=8, recluster_every=2, divide_until_epoch=80, finetune_from_epoch=190
-    )
+    segments = plan(epochs=200, num_learners=8, recluster_every=2, divide_until_epoch=80, finetune_from_epoch=190)
     for epoch in range(200):
         segment = next(s for s in segments if s.start_epoch <= epoch < s.end_epoch)
         expected = "divide" if epoch < 80 else "clustered_full" if epoch < 190 else "finetune"

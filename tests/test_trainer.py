@@ -34,9 +34,7 @@ def assert_same_weights(a, b):
 
 def test_k1_reproduces_the_plain_baseline(tiny_params, bundle):
     """K=1 through the schedule == a bare loop: all data, class-balanced batches, full embedding."""
-    params = dataclasses.replace(
-        tiny_params, cluster=dataclasses.replace(tiny_params.cluster, num_learners=1)
-    )
+    params = dataclasses.replace(tiny_params, cluster=dataclasses.replace(tiny_params.cluster, num_learners=1))
     labels = bundle.splits.train.labels
     trainer = Trainer.create(params, bundle.splits.train.num_classes, CPU)
     for segment in plan_from_params(params):
@@ -136,9 +134,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_params, bundle):
 
 def test_learnable_beta_is_optimised_by_the_trainer(tiny_params, bundle):
     loss = dataclasses.replace(tiny_params.loss, beta_mode="per_class")
-    trainer = Trainer.create(
-        dataclasses.replace(tiny_params, loss=loss), bundle.splits.train.num_classes, CPU
-    )
+    trainer = Trainer.create(dataclasses.replace(tiny_params, loss=loss), bundle.splits.train.num_classes, CPU)
     before = [p.detach().clone() for p in trainer.loss.parameters()]
     assert before, "a learnable beta must be a parameter of the loss"
     assert any(g["name"] == "loss" for g in trainer.optimizer.param_groups)

@@ -188,9 +188,7 @@ def _write_all(folder: Path, settings: dict) -> None:
         for image_index in range(count):
             rng = np.random.default_rng([seed, class_index, image_index])
             pixels = render_image(spec.group, spec.factors, size, rng)
-            Image.fromarray(pixels).save(
-                folder / spec.name / f"{image_index:0{width}d}.png", compress_level=6
-            )
+            Image.fromarray(pixels).save(folder / spec.name / f"{image_index:0{width}d}.png", compress_level=6)
     (folder / "README.md").write_text(_readme(settings))
     (folder / _MARKER).write_text(json.dumps(settings, sort_keys=True))
 

@@ -62,8 +62,7 @@ class ClassBalancedBatchSampler:
     ) -> None:
         if classes_per_batch < 1 or images_per_class < 1:
             raise ValueError(
-                f"need classes_per_batch >= 1 and images_per_class >= 1, "
-                f"got {classes_per_batch} and {images_per_class}"
+                f"need classes_per_batch >= 1 and images_per_class >= 1, got {classes_per_batch} and {images_per_class}"
             )
         indices = np.unique(np.asarray(indices, dtype=np.int64))
         subset_labels = np.asarray(labels, dtype=np.int64)[indices]

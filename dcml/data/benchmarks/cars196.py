@@ -46,9 +46,7 @@ def load_cars196(root: str | Path) -> Splits:
     train, test = split_by_class_id(entries, LAST_TRAIN_CLASS)
     require_nonempty(train, "training (classes 1-98)", str(path))
     require_nonempty(test, "test (classes 99-196)", str(path))
-    return Splits(
-        train=build_records(root, train), test=build_records(root, test), recall_ks=RECALL_KS["cars196"]
-    )
+    return Splits(train=build_records(root, train), test=build_records(root, test), recall_ks=RECALL_KS["cars196"])
 
 
 def read_annotations(path: Path) -> list[Entry]:

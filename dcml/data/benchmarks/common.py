@@ -89,9 +89,7 @@ def malformed(relpath: str, number: int, line: str, expected: str) -> DatasetErr
     return DatasetError(f"{relpath} line {number}: malformed, expected '{expected}', got {line!r}")
 
 
-def build_records(
-    root: Path, entries: Sequence[Entry], label_space: Iterable[Entry] | None = None
-) -> ImageRecords:
+def build_records(root: Path, entries: Sequence[Entry], label_space: Iterable[Entry] | None = None) -> ImageRecords:
     """Records of one split with labels ``0..C-1`` in ascending original class id.
 
     ``label_space`` (default: ``entries``) fixes the classes; In-shop passes query and

@@ -54,9 +54,7 @@ def load_cub200(root: str | Path) -> Splits:
     train, test = split_by_class_id(entries, LAST_TRAIN_CLASS)
     require_nonempty(train, "training (classes 1-100)", f"{root}/images.txt")
     require_nonempty(test, "test (classes 101-200)", f"{root}/images.txt")
-    return Splits(
-        train=build_records(root, train), test=build_records(root, test), recall_ks=RECALL_KS["cub200"]
-    )
+    return Splits(train=build_records(root, train), test=build_records(root, test), recall_ks=RECALL_KS["cub200"])
 
 
 def _read_id_table(root: Path, relpath: str, expected: str) -> dict[int, str]:
@@ -75,9 +73,7 @@ def _read_id_table(root: Path, relpath: str, expected: str) -> dict[int, str]:
 
 def _class_id(value: str, image_id: int, classes: dict[int, str]) -> int:
     if not value.isdigit() or int(value) not in classes:
-        raise DatasetError(
-            f"image_class_labels.txt: image {image_id} has class {value!r}, not in classes.txt"
-        )
+        raise DatasetError(f"image_class_labels.txt: image {image_id} has class {value!r}, not in classes.txt")
     return int(value)
 
 

@@ -43,9 +43,7 @@ def load_sop(root: str | Path) -> Splits:
             f"(e.g. {min(shared)}); the zero-shot split needs disjoint classes"
         )
     _require_image_folders(root, train + test)
-    return Splits(
-        train=build_records(root, train), test=build_records(root, test), recall_ks=RECALL_KS["sop"]
-    )
+    return Splits(train=build_records(root, train), test=build_records(root, test), recall_ks=RECALL_KS["sop"])
 
 
 def read_split_file(root: Path, relpath: str) -> list[Entry]:

@@ -41,9 +41,7 @@ def load_vehicleid(root: str | Path, test_size: int = 800) -> Splits:
     require_dir(root, "image")
     train = read_list(root, "train_test_split/train_list.txt")
     test = read_list(root, f"train_test_split/test_list_{test_size}.txt")
-    return Splits(
-        train=build_records(root, train), test=build_records(root, test), recall_ks=RECALL_KS["vehicleid"]
-    )
+    return Splits(train=build_records(root, train), test=build_records(root, test), recall_ks=RECALL_KS["vehicleid"])
 
 
 def read_list(root: Path, relpath: str) -> list[Entry]:
