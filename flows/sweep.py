@@ -30,7 +30,7 @@ def sweep_points_of(params_path: str, num_learners: list[int] | None, seeds: lis
     return sweep_points(list(num_learners or params.sweep.num_learners), list(seeds or params.sweep.seeds))
 
 
-@flow(name="dcml-sweep")
+@flow(name="dcml-sweep", flow_run_name="sweep")
 def sweep(
     params_path: str = "params.yaml",
     out_dir: str = "outputs",
@@ -47,7 +47,7 @@ def sweep(
     """
     points = sweep_points_of(params_path, num_learners, seeds)
     params = preflight(params_path, points, out_dir)  # every error before any training starts
-    parent_state = Path(out_dir) / "sweep-mlflow-run.json"
+    parent_state = Path(out_dir) / ".tracking" / "sweep.json"
     parent_id = tracking.start_run(params, "sweep", str(parent_state))
 
     def one(point: tuple[int, int]) -> dict[str, Any]:
@@ -77,4 +77,5 @@ def sweep(
         for folder in (Path(out_dir) / "runs").iterdir():
             if folder.is_dir() and folder.resolve() not in keep and RunLayout(folder).params.exists():
                 shutil.rmtree(folder)
+                RunLayout(folder).tracking_state.unlink(missing_ok=True)
     return {"metrics": metrics_path, "runs": run_dirs}

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 def bar(description: str) -> Callable[[Iterable, int], Iterable]:
     def wrap(iterable: Iterable, total: int) -> Iterable:
-        return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
+        # disable=None: bars on a terminal, none in log files
+        return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True, disable=None)
 
     return wrap
