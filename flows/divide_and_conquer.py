@@ -17,7 +17,7 @@ from dcml.config import Params, load_params, to_dict, with_num_learners
 from dcml.schedule import plan_from_params
 from tasks import io, report, tracking, training
 from tasks.layout import RunLayout, params_digest, run_name
-from tasks.runs import validate_data, write_run_params
+from tasks.runs import data_summary, validate_data, write_run_params
 
 
 def run_folder(out_dir: str | Path, params: Params) -> Path:
@@ -48,6 +48,7 @@ def divide_and_conquer(
     state = str(layout.tracking_state)
     run_id = tracking.start_run(params, name, state, parent_run_id)
     try:
+        tracking.log_metrics(params, run_id, 0, _prefixed("data/", data_summary(params)), state)
         checkpoint = training.init_model(run_dir)
         test_embeddings = _evaluate(params, run_id, run_dir, state, checkpoint, 0, params.cluster.num_learners)
         division: str | None = None

@@ -63,16 +63,9 @@ def run_params(layout: RunLayout) -> Params:
     return load_params(layout.params, resolve_preset=False)
 
 
-def validate_data(params: Params) -> dict[str, int]:
-    """Read the split records (no decoding) and check params against them; returns counts."""
-    splits = load_splits(params.data)
-    check_against_data(params, splits.train.num_classes)
-    return {
-        "train_images": len(splits.train),
-        "train_classes": splits.train.num_classes,
-        "test_images": len(splits.test),
-        "test_classes": splits.test.num_classes,
-    }
+def validate_data(params: Params) -> None:
+    """Read the split records (no decoding) and check params against them."""
+    check_against_data(params, load_splits(params.data).train.num_classes)
 
 
 @lru_cache(maxsize=4)
@@ -90,6 +83,18 @@ def load_params_text(text: str) -> Params:
     from dcml.config import params_from_dict
 
     return params_from_dict(yaml.safe_load(text))
+
+
+def data_summary(params: Params) -> dict[str, float]:
+    """Image/class counts of the run's datasets and how many unreadable files were skipped."""
+    bundle = bundle_for(params)
+    return {
+        "train_images": len(bundle.splits.train),
+        "train_classes": bundle.splits.train.num_classes,
+        "test_images": len(bundle.splits.test),
+        "test_classes": bundle.splits.test.num_classes,
+        "images_skipped": bundle.num_skipped,
+    }
 
 
 def device_for(params: Params) -> torch.device:
