@@ -1,7 +1,8 @@
 """A K sweep: the training flow for each K (and seed), K=1 — the plain baseline — always
 included, then a comparison table and plots. Sequential by default: concurrent subflows
 on Prefect's sqlite server hit "database is locked"; with ``concurrent`` the runs go to a
-thread pool (use a PostgreSQL-backed Prefect server for that)."""
+thread pool (use a PostgreSQL-backed Prefect server for that). Concurrent runs share
+torch's global generator, so they are not bit-reproducible; sequential runs are."""
 
 from __future__ import annotations
 
