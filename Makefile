@@ -13,6 +13,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+# Prefect's database and profile live in the project, not in ~/.prefect.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
 
 .PHONY: help install data demo test test-slow test-all lint bench prefect-server worker deploy mlflow-ui clean
 
@@ -28,23 +30,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install dcml with its dependencies
 
-data: $(STAMP)  ## generate the demo dataset (deterministic, offline) and store it in the DVC cache
-	$(BIN)/dcml data demo --root data/demo
-	$(BIN)/dvc commit --force --quiet data.dvc
+data: $(STAMP)  ## generate the demo dataset (params.yaml data.demo; deterministic, offline) into the DVC cache
+	$(BIN)/dcml data demo
+	@# fills the cache; fails (instead of rewriting data.dvc) if the bytes differ from the versioned ones
+	$(BIN)/dvc commit --quiet data.dvc </dev/null
 
 demo: data  ## the main job: `dvc repro` = K sweep (K=1 baseline and K>1) on the demo dataset
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 	@echo "comparison: outputs/comparison.md; plots: outputs/plots/*.png; MLflow: make mlflow-ui"
 
+# Tests start their own Prefect API: a PREFECT_API_URL from the shell must not leak in.
 test: $(STAMP)  ## the test suite (CPU, a few minutes; slow end-to-end tests excluded)
-	$(PY) -m pytest -m "not slow" -q
+	env -u PREFECT_API_URL $(PY) -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)  ## the slow tests: real prefect server + process worker + deployment
-	$(PY) -m pytest -m slow -q
+	env -u PREFECT_API_URL $(PY) -m pytest -m slow -q
 
 test-all: $(STAMP)  ## every test
-	$(PY) -m pytest -q
+	env -u PREFECT_API_URL $(PY) -m pytest -q
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check dcml tasks flows tests bench

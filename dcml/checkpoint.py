@@ -24,9 +24,10 @@ def rng_states() -> dict[str, Any]:
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
+    """Inverse of :func:`rng_states`; torch wants CPU byte tensors whatever the map_location."""
+    torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
 def save_checkpoint(

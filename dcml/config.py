@@ -65,7 +65,9 @@ class ModelConfig:
     embedding_dim: int = 128
     dropout: float = 0.01
     freeze_bn: bool = True
-    renormalize_full: bool = True  # re-normalise the concatenated slices at test time
+    # Scale the concatenation of K normalised slices to unit norm (÷ sqrt K). A constant
+    # scale: rankings, clustering and metrics are unchanged; for downstream consumers.
+    renormalize_full: bool = True
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,13 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """``embedding`` is how test (and clustering) embeddings are normalised:
+    ``schedule`` — K per-slice-normalised slices while dividing, the normalised full
+    embedding once K=1; ``slices`` — always the K normalised slices; ``full`` — always
+    the normalised full embedding."""
+
     recall_ks: tuple[int, ...] = (1, 2, 4, 8)
+    embedding: Literal["schedule", "slices", "full"] = "schedule"
     nmi: bool = True
     map_at_r: bool = True
     batch_size: int = 128
@@ -262,6 +270,22 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
         ),
         (t.batch_size // t.images_per_class >= 2, "train.batch_size must hold >= 2 classes"),
         (t.lr_backbone >= 0 and t.lr_embedding > 0, "train learning rates must be positive"),
+        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (lo.beta_lr >= 0, "loss.beta_lr must be >= 0"),
+        (
+            lo.nu == 0 or lo.beta_mode != "fixed",
+            "loss.nu regularises a learnable beta: set loss.beta_mode to global or per_class, or nu to 0",
+        ),
+        (
+            lo.name == "margin" or (lo.beta_mode == "fixed" and lo.negative_sampler == "distance_weighted"),
+            "loss.beta_mode and loss.negative_sampler apply to the margin loss only; the triplet loss "
+            "mines semi-hard negatives (leave them at fixed / distance_weighted)",
+        ),
+        (
+            not m.freeze_bn or m.pretrained != "none",
+            "model.freeze_bn keeps BatchNorm statistics of pretrained weights; with model.pretrained: none "
+            "they would stay at their initial values (set freeze_bn: false)",
+        ),
         (0 < t.lr_decay_gamma <= 1, "train.lr_decay_gamma must be in (0, 1]"),
         (c.num_learners >= 1, "cluster.num_learners must be >= 1"),
         (
@@ -306,16 +330,26 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
         check_against_data(params, num_train_classes)
 
 
-def check_against_data(params: Params, num_train_classes: int) -> None:
-    """Rules that need the dataset: K and the batch's classes vs training classes."""
-    ks = {params.cluster.num_learners, *params.sweep.num_learners}
-    if max(ks) > num_train_classes:
-        raise ConfigError(
-            f"cluster.num_learners/sweep.num_learners ({max(ks)}) exceeds the number of "
-            f"training classes ({num_train_classes})"
-        )
+def check_against_data(params: Params, num_train_classes: int, num_retrieval_items: int | None = None) -> None:
+    """Rules that need the dataset, checked before any compute.
+
+    Every learner needs at least two classes to form negatives, so K may be at most half
+    the training classes. ``num_retrieval_items`` is what a query searches (test images
+    minus the query itself, or the gallery size); the largest recall k must fit in it.
+    """
     if num_train_classes < 2:
         raise ConfigError(f"the training split has {num_train_classes} class(es); need >= 2")
+    ks = {params.cluster.num_learners, *params.sweep.num_learners}
+    if 2 * max(ks) > num_train_classes:
+        raise ConfigError(
+            f"cluster.num_learners/sweep.num_learners ({max(ks)}) exceeds the number of "
+            f"training classes ({num_train_classes}) / 2: each learner needs at least 2 classes"
+        )
+    largest_k = max(params.eval.recall_ks)
+    if num_retrieval_items is not None and largest_k > num_retrieval_items:
+        raise ConfigError(
+            f"eval.recall_ks: {largest_k} exceeds the {num_retrieval_items} items a test query can retrieve"
+        )
 
 
 def to_dict(params: Params) -> dict[str, Any]:

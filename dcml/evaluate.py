@@ -38,7 +38,15 @@ def evaluate_embeddings(
     )
 
 
-def evaluate_bundle(trainer: Trainer, bundle: DatasetBundle, *, num_learners: int) -> dict[str, float]:
-    """Embed the test split with ``trainer``'s model and evaluate it."""
-    embeddings, labels, _ = trainer.embed(bundle.test, num_learners=num_learners)
-    return evaluate_embeddings(embeddings, labels, bundle.splits, trainer.params.eval, seed=trainer.params.seed)
+def test_slices(config: EvalConfig, segment_learners: int, num_learners: int) -> int:
+    """How many separately normalised slices the test embedding has (see ``EvalConfig``)."""
+    return {"schedule": segment_learners, "slices": num_learners, "full": 1}[config.embedding]
+
+
+def evaluate_bundle(trainer: Trainer, bundle: DatasetBundle, *, segment_learners: int) -> dict[str, float]:
+    """Embed the test split with ``trainer``'s model and evaluate it; reports ``num_slices``."""
+    params = trainer.params
+    slices = test_slices(params.eval, segment_learners, params.cluster.num_learners)
+    embeddings, labels, _ = trainer.embed(bundle.test, num_learners=slices)
+    metrics = evaluate_embeddings(embeddings, labels, bundle.splits, params.eval, seed=params.seed)
+    return {**metrics, "num_slices": float(slices)}

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from dcml.clustering import kmeans_seed
-from dcml.config import Params
-from dcml.data import DatasetBundle
+from dcml.config import Params, check_against_data
+from dcml.data import DatasetBundle, retrieval_size
 from dcml.division import Division, all_data, divide
 from dcml.evaluate import evaluate_bundle
 from dcml.schedule import Segment, plan_from_params
@@ -61,10 +61,11 @@ def fit(
     on_epoch: Callable[[EpochStats], None] = lambda stats: None,
 ) -> FitResult:
     """Train with the schedule of ``params`` and evaluate after every segment."""
+    check_against_data(params, bundle.splits.train.num_classes, retrieval_size(bundle.splits))
     trainer = Trainer.create(params, bundle.splits.train.num_classes, device)
     result = FitResult(trainer)
     if evaluate_untrained:
-        result.evaluations.append((0, evaluate_bundle(trainer, bundle, num_learners=params.cluster.num_learners)))
+        result.evaluations.append((0, evaluate_bundle(trainer, bundle, segment_learners=params.cluster.num_learners)))
     division: Division | None = None
     for segment in plan_from_params(params):
         new_division = next_division(trainer, bundle, segment, division, len(result.divisions))
@@ -74,6 +75,6 @@ def fit(
         for stats in trainer.train_segment(segment, bundle.train, bundle.splits.train.labels, division):
             result.epochs.append(stats)
             on_epoch(stats)
-        metrics = evaluate_bundle(trainer, bundle, num_learners=segment.num_learners)
+        metrics = evaluate_bundle(trainer, bundle, segment_learners=segment.num_learners)
         result.evaluations.append((segment.end_epoch, metrics))
     return result

@@ -62,7 +62,7 @@ class Trainer:
         trainer.model.load_state_dict(state["model"])
         trainer.loss.load_state_dict(state["loss"])
         trainer.optimizer.load_state_dict(state["optimizer"])
-        restore_rng_states({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state["rng"].items()})
+        restore_rng_states(state["rng"])
         trainer.epochs_done = state["epoch"]
         return trainer
 
@@ -93,9 +93,10 @@ class Trainer:
         stats = []
         for epoch in range(segment.start_epoch, segment.end_epoch):
             seed = epoch_seed(self.params.seed, epoch)
-            # torchvision's random transforms draw from torch's global generator.
+            # torchvision's random transforms draw from torch's global generator; negative
+            # sampling gets a generator of its own, seeded differently.
             torch.manual_seed(seed)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            generator = torch.Generator(device=self.device).manual_seed(seed + 1)
             set_epoch_lr(self.optimizer, epoch, t.lr_decay_gamma)
             batches = epoch_batches(
                 division,
@@ -142,7 +143,7 @@ class Trainer:
             features=features,
             batch_size=self.params.eval.batch_size,
             num_workers=self.params.data.num_workers,
-            bf16=self.params.train.bf16,
+            bf16=False,  # embeddings for clustering and evaluation stay in float32
             channels_last=self.params.train.channels_last,
             progress=progress,
         )

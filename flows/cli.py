@@ -14,10 +14,11 @@ def _train(args: argparse.Namespace) -> None:
     from tasks.runs import preflight
 
     params = load_params(args.params)
-    k = args.num_learners or params.cluster.num_learners
-    preflight(args.params, [(k, params.seed if args.seed is None else args.seed)], args.out)
+    k = params.cluster.num_learners if args.num_learners is None else args.num_learners
+    seed = params.seed if args.seed is None else args.seed
+    preflight(args.params, [(k, seed)], args.out)
 
-    result = divide_and_conquer(args.params, args.num_learners, args.seed, args.out)
+    result = divide_and_conquer(args.params, k, seed, args.out)
     print(json.dumps(result, indent=2, default=str))
 
 
@@ -48,12 +49,15 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    from dcml.config import load_params
     from dcml.data.demo import generate_demo_dataset
 
+    data = load_params(args.params).data
+    root = args.root or (data.root if data.dataset == "demo" else "data/demo")
     info = generate_demo_dataset(
-        args.root, images_per_class=args.images_per_class, image_size=args.image_size, seed=args.seed
+        root, images_per_class=data.demo.images_per_class, image_size=data.demo.image_size, seed=data.demo.seed
     )
-    print(f"demo dataset: {info.num_classes} classes, {info.num_images} images under {args.root}")
+    print(f"demo dataset: {info.num_classes} classes, {info.num_images} images under {root}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -108,11 +112,11 @@ def parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_evaluate)
 
     data = commands.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    demo = data.add_parser("demo", help="generate the embedded demo dataset (deterministic, offline)")
-    demo.add_argument("--root", default="data/demo")
-    demo.add_argument("--images-per-class", type=int, default=30)
-    demo.add_argument("--image-size", type=int, default=64)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = data.add_parser(
+        "demo", help="generate the embedded demo dataset (deterministic, offline) as params.yaml's data.demo says"
+    )
+    demo.add_argument("--params", default="params.yaml", help="reads data.demo and data.root (default: params.yaml)")
+    demo.add_argument("--root", help="output folder (default: data.root)")
     demo.set_defaults(func=_demo)
     inspect = data.add_parser("inspect", help="validate a benchmark folder and print counts per split as JSON")
     inspect.add_argument("--dataset", required=True, choices=["cub200", "cars196", "sop", "inshop", "vehicleid"])

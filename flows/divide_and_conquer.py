@@ -13,7 +13,9 @@ from typing import Any
 
 from prefect import flow
 
+from dcml.atomic import remove_stale_temp_files
 from dcml.config import Params, load_params, to_dict, with_num_learners
+from dcml.evaluate import test_slices
 from dcml.schedule import plan_from_params
 from tasks import io, report, tracking, training
 from tasks.layout import RunLayout, params_digest, run_name
@@ -40,10 +42,11 @@ def divide_and_conquer(
     """
     params = load_params(params_path)
     if num_learners is not None or seed is not None:
-        params = with_num_learners(params, num_learners or params.cluster.num_learners, seed)
+        params = with_num_learners(params, params.cluster.num_learners if num_learners is None else num_learners, seed)
     validate_data(params)
     layout = RunLayout(run_folder(out_dir, params))
     write_run_params(params, layout)
+    remove_stale_temp_files(layout.root)  # left by a run killed mid-write
     run_dir, name = str(layout.root), run_name(params.cluster.num_learners, params.seed)
     state = str(layout.tracking_state)
     run_id = tracking.start_run(params, name, state, parent_run_id)
@@ -84,18 +87,20 @@ def divide_and_conquer(
                 "embeddings": test_embeddings,
                 "metrics": str(layout.final_metrics),
             },
+            state,
         )
         if params.tracking.log_model:
-            tracking.log_model(params, run_id, checkpoint)
+            tracking.log_model(params, run_id, checkpoint, state)
         tracking.end_run(params, run_id, name)
     except BaseException:
-        tracking.end_run(params, run_id, name, status="FAILED")
+        tracking.mark_failed(params, run_id, name)
         raise
     return {**final, "run_dir": run_dir, "mlflow_run_id": run_id}
 
 
 def _evaluate(params: Params, run_id: str, run_dir: str, state: str, checkpoint: str, epoch: int, learners: int) -> str:
-    embeddings = training.embed(run_dir, checkpoint, "test", epoch, learners)
+    slices = test_slices(params.eval, learners, params.cluster.num_learners)
+    embeddings = training.embed(run_dir, checkpoint, "test", epoch, slices)
     metrics = io.read_json(training.evaluate(run_dir, embeddings, epoch))
     tracking.log_metrics(
         params, run_id, epoch, _prefixed("test/", {k: v for k, v in metrics.items() if k != "epoch"}), state

@@ -28,7 +28,8 @@ def sweep_points(num_learners: list[int], seeds: list[int]) -> list[tuple[int, i
 def sweep_points_of(params_path: str, num_learners: list[int] | None, seeds: list[int] | None) -> list[tuple[int, int]]:
     """The sweep's points: the arguments, else the ``sweep`` section of the params."""
     params = load_params(params_path)
-    return sweep_points(list(num_learners or params.sweep.num_learners), list(seeds or params.sweep.seeds))
+    ks = params.sweep.num_learners if num_learners is None else num_learners
+    return sweep_points(list(ks), list(params.sweep.seeds if seeds is None else seeds))
 
 
 @flow(name="dcml-sweep", flow_run_name="sweep")
@@ -67,10 +68,11 @@ def sweep(
             params,
             parent_id,
             {"comparison": str(Path(out_dir) / "comparison.md"), "plots": str(Path(out_dir) / "plots")},
+            str(parent_state),
         )
         tracking.end_run(params, parent_id, "sweep")
     except BaseException:
-        tracking.end_run(params, parent_id, "sweep", status="FAILED")
+        tracking.mark_failed(params, parent_id, "sweep")
         raise  # the parent run's state file stays, so a rerun continues under it
     parent_state.unlink()
     if prune:

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from dcml.config import ConfigError, Params, check_against_data, load_params, to_dict
-from dcml.data import DatasetBundle, build_bundle, load_splits
+from dcml.data import DatasetBundle, build_bundle, load_splits, retrieval_size
 from dcml.device import resolve_device
 from tasks.layout import RunLayout, params_digest
 
@@ -65,7 +65,8 @@ def run_params(layout: RunLayout) -> Params:
 
 def validate_data(params: Params) -> None:
     """Read the split records (no decoding) and check params against them."""
-    check_against_data(params, load_splits(params.data).train.num_classes)
+    splits = load_splits(params.data)
+    check_against_data(params, splits.train.num_classes, retrieval_size(splits))
 
 
 @lru_cache(maxsize=4)

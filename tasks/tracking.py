@@ -7,18 +7,24 @@ with :class:`~mlflow.tracking.MlflowClient`, so a resumed flow continues its run
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import torch
 import yaml
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from dcml.config import Params, flatten
 from dcml.trainer import Trainer
@@ -66,72 +72,126 @@ def dataset_version(data_root: str) -> str:
     return "untracked"
 
 
-@task(name="start-tracking", task_run_name="start-tracking-{run_name}", retries=2, retry_delay_seconds=2)
+def _state_matches(state: dict[str, Any], params: Params, parent_run_id: str | None) -> bool:
+    return (
+        state.get("tracking_uri") == params.tracking.mlflow_uri
+        and state.get("parent_run_id") == parent_run_id
+        and state.get("params_digest") == _digest(params)
+    )
+
+
+def _digest(params: Params) -> str:
+    return hashlib.sha256(json.dumps(flatten(params), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _run_exists(mlflow_client: MlflowClient, run_id: str) -> bool:
+    try:
+        return mlflow_client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+@task(
+    name="start-tracking",
+    task_run_name="start-tracking-{run_name}",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+)
 def start_run(params: Params, run_name: str, state_file: str, parent_run_id: str | None = None) -> str:
     """Create the MLflow run, or reopen the one ``state_file`` names; returns its id.
 
-    A run folder reused by another sweep (same params, new parent) gets a new child run
-    under the new parent; the flow then logs its history again from disk.
+    The saved run is reopened only if it still exists in the same tracking store, under
+    the same parent, for the same params; otherwise (a deleted ``mlflow.db``, another
+    URI, a run folder reused by a new sweep) a new run is created and the flow logs its
+    history again from disk.
     """
-    state = Path(state_file)
+    state_path = Path(state_file)
     mlflow_client = client(params)
-    if state.is_file():
-        previous = io.read_json(state)
-        if previous.get("parent_run_id") == parent_run_id:
-            mlflow_client.update_run(previous["run_id"], status="RUNNING")
-            return previous["run_id"]
-    tags = {
-        "mlflow.runName": run_name,
-        "git_commit": git_commit(),
-        "dataset": params.data.dataset,
-        "dataset_version": dataset_version(params.data.root),
-        "num_learners": str(params.cluster.num_learners),
-    }
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow_client.create_run(experiment_id(params), run_name=run_name, tags=tags)
-    run_id = run.info.run_id
-    # MLflow accepts at most 100 params per batch.
-    items = sorted(flatten(params).items())
-    for start in range(0, len(items), 100):
-        mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in items[start : start + 100]])
-    io.write_json(state, {"run_id": run_id, "parent_run_id": parent_run_id, "logged_epochs": []})
+    state = io.read_json(state_path) if state_path.is_file() else {}
+    if state and _state_matches(state, params, parent_run_id) and _run_exists(mlflow_client, state["run_id"]):
+        run_id = state["run_id"]
+        mlflow_client.update_run(run_id, status="RUNNING")
+    else:
+        tags = {
+            "mlflow.runName": run_name,
+            "git_commit": git_commit(),
+            "dataset": params.data.dataset,
+            "dataset_version": dataset_version(params.data.root),
+            "num_learners": str(params.cluster.num_learners),
+        }
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run_id = mlflow_client.create_run(experiment_id(params), run_name=run_name, tags=tags).info.run_id
+        state = {
+            "run_id": run_id,
+            "tracking_uri": params.tracking.mlflow_uri,
+            "parent_run_id": parent_run_id,
+            "params_digest": _digest(params),
+            "done": [],
+        }
+        io.write_json(state_path, state)  # before anything else, so a retry reopens this run
+    if "params" not in state["done"]:
+        # MLflow accepts at most 100 params per batch; re-logging equal values is allowed.
+        items = sorted(flatten(params).items())
+        for start in range(0, len(items), 100):
+            mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in items[start : start + 100]])
+        _mark_done(state_path, "params")
     return run_id
 
 
-@task(name="log-metrics", task_run_name="log-metrics-epoch-{epoch}", retries=2, retry_delay_seconds=2)
+def _mark_done(state_file: str | Path, key: str) -> None:
+    state = io.read_json(state_file)
+    state["done"].append(key)
+    io.write_json(state_file, state)
+
+
+def _is_done(state_file: str | Path, key: str) -> bool:
+    return key in io.read_json(state_file)["done"]
+
+
+@task(
+    name="log-metrics",
+    task_run_name="log-metrics-epoch-{epoch}",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+)
 def log_metrics(params: Params, run_id: str, epoch: int, metrics: dict[str, float], state_file: str) -> None:
     """Log metrics at ``step=epoch`` once (a resumed flow does not log a step twice)."""
-    state = io.read_json(state_file)
-    key = f"{epoch}:{','.join(sorted(metrics))}"
-    if key in state["logged_epochs"]:
+    key = f"metrics:{epoch}:{','.join(sorted(metrics))}"
+    if _is_done(state_file, key):
         return
     now = get_current_time_millis()
     batch = [Metric(_metric_key(k), float(v), now, epoch) for k, v in metrics.items() if np.isfinite(v)]
     client(params).log_batch(run_id, metrics=batch)
-    state["logged_epochs"].append(key)
-    io.write_json(state_file, state)
+    _mark_done(state_file, key)
 
 
 def _metric_key(name: str) -> str:
     return name.replace("@", "_at_")
 
 
-@task(name="log-artifacts", task_run_name="log-artifacts", retries=2, retry_delay_seconds=2)
-def log_artifacts(params: Params, run_id: str, files: dict[str, str]) -> None:
-    """``files`` maps an artifact folder to a local file or folder."""
+@task(name="log-artifacts", task_run_name="log-artifacts", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def log_artifacts(params: Params, run_id: str, files: dict[str, str], state_file: str) -> None:
+    """``files`` maps an artifact folder to a local file or folder; logged once per run."""
+    if _is_done(state_file, "artifacts"):
+        return
     mlflow_client = client(params)
     for artifact_path, local in files.items():
         if Path(local).is_dir():
             mlflow_client.log_artifacts(run_id, local, artifact_path)
         elif Path(local).is_file():
             mlflow_client.log_artifact(run_id, local, artifact_path)
+    _mark_done(state_file, "artifacts")
 
 
-@task(name="log-model", task_run_name="log-model", retries=1)
-def log_model(params: Params, run_id: str, checkpoint: str) -> None:
+@task(name="log-model", task_run_name="log-model", retries=1, cache_policy=NO_CACHE)
+def log_model(params: Params, run_id: str, checkpoint: str, state_file: str) -> None:
     """Final model via ``mlflow.pytorch.log_model``: pt2 export of ``images -> embedding``
     with a signature and explicit pip requirements (inference of requirements is slow)."""
+    if _is_done(state_file, "model"):
+        return
     model = Trainer.from_checkpoint(checkpoint, device=torch.device("cpu")).model.eval()
     size = params.data.image_size
     example = np.zeros((2, 3, size, size), dtype=np.float32)
@@ -145,9 +205,25 @@ def log_model(params: Params, run_id: str, checkpoint: str) -> None:
             signature=infer_signature(example, output),
             input_example=example,
             pip_requirements=PIP_REQUIREMENTS,
+            serialization_format="pt2",
         )
+    _mark_done(state_file, "model")
 
 
-@task(name="end-tracking", task_run_name="end-tracking-{run_name}", retries=2, retry_delay_seconds=2)
+@task(
+    name="end-tracking",
+    task_run_name="end-tracking-{run_name}",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+)
 def end_run(params: Params, run_id: str, run_name: str, status: str = "FINISHED") -> None:
     client(params).set_terminated(run_id, status=status)
+
+
+def mark_failed(params: Params, run_id: str, run_name: str) -> None:
+    """Best effort, while another error propagates: never hide that error."""
+    try:
+        client(params).set_terminated(run_id, status="FAILED")
+    except Exception as error:  # noqa: BLE001 - the original error matters more
+        logging.getLogger(__name__).warning("could not mark MLflow run %s (%s) failed: %s", run_name, run_id, error)

@@ -116,7 +116,7 @@ def evaluate(run_dir: str, embeddings: str, epoch: int) -> str:
     if path.exists():
         return str(path)
     params = run_params(layout)
-    vectors, labels, _, _ = io.read_embeddings(embeddings)
+    vectors, labels, _, meta = io.read_embeddings(embeddings)
     metrics = evaluate_embeddings(vectors, labels, bundle_for(params).splits, params.eval, seed=params.seed)
-    io.write_json(path, {"epoch": epoch, **metrics})
+    io.write_json(path, {"epoch": epoch, **metrics, "num_slices": meta["num_learners"]})
     return str(path)

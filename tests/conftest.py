@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ for key, value in {
     "PREFECT_LOGGING_LEVEL": "WARNING",
 }.items():
     os.environ.setdefault(key, value)
+# the tests never touch ~/.prefect or a server named in the shell
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dcml-test-prefect-home-")
+os.environ.pop("PREFECT_API_URL", None)
 
 from dcml.config import Params, load_params  # noqa: E402
 

@@ -64,10 +64,34 @@ def test_bad_params_name_the_key(tmp_path, mutate, message):
         load_params(write(tmp_path, raw))
 
 
-def test_k_larger_than_training_classes_is_rejected():
+def test_k_larger_than_half_the_training_classes_is_rejected():
+    """Each learner needs two classes: K=4 with 7 classes would fail at the first division."""
     params = load_params(REPO_ROOT / "params.yaml")
-    with pytest.raises(ConfigError, match="exceeds the number of training classes"):
-        check_against_data(with_num_learners(params, 8), num_train_classes=5)
+    check_against_data(with_num_learners(params, 4), num_train_classes=8)
+    with pytest.raises(ConfigError, match=r"exceeds the number of training classes \(7\) / 2"):
+        check_against_data(with_num_learners(params, 4), num_train_classes=7)
+
+
+def test_recall_k_larger_than_the_retrieval_set_is_rejected():
+    params = load_params(REPO_ROOT / "params.yaml")
+    with pytest.raises(ConfigError, match="eval.recall_ks: 8 exceeds the 5 items"):
+        check_against_data(params, num_train_classes=100, num_retrieval_items=5)
+
+
+@pytest.mark.parametrize(
+    ("section", "changes", "message"),
+    [
+        ("loss", {"nu": 0.1}, "loss.nu regularises a learnable beta"),
+        ("loss", {"name": "triplet", "beta_mode": "global"}, "apply to the margin loss only"),
+        ("model", {"freeze_bn": True, "pretrained": "none"}, "model.freeze_bn"),
+        ("train", {"weight_decay": -1.0}, "train.weight_decay"),
+    ],
+)
+def test_options_that_would_be_silently_ignored_are_rejected(tmp_path, section, changes, message):
+    raw = raw_params()
+    raw[section].update(changes)
+    with pytest.raises(ConfigError, match=message):
+        load_params(write(tmp_path, raw))
 
 
 def test_preset_overlays_params_and_overrides_beat_it(tmp_path):

@@ -279,3 +279,23 @@ def test_register_loss(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_loss("margin")(build_custom)
     assert "custom" not in LOSSES
+
+
+def test_scarce_close_negatives_are_not_repeated():
+    """One negative below 1.4 and three positives: the close one first, then distinct far ones."""
+    points = [
+        [1, 0, 0],
+        [0.99, 0.1, 0],
+        [0.98, 0, 0.1],
+        [0.97, 0.1, 0.1],
+        [0.8, 0.6, 0],
+        [-1, 0, 0],
+        [-1, 0.1, 0],
+        [0, -1, 0],
+    ]
+    embeddings = torch.nn.functional.normalize(torch.tensor(points), dim=1)
+    labels = torch.tensor([0, 0, 0, 0, 1, 2, 2, 3])
+    for seed in range(20):
+        anchors, _, negatives = distance_weighted_negatives(embeddings, labels, torch.Generator().manual_seed(seed))
+        drawn = negatives[anchors == 0].tolist()
+        assert len(drawn) == 3 and len(set(drawn)) == 3 and 4 in drawn

@@ -46,7 +46,7 @@ def test_k1_reproduces_the_plain_baseline(tiny_params, bundle):
     for epoch in range(t.epochs):
         seed = epoch_seed(params.seed, epoch)
         torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed + 1)
         sampler = ClassBalancedBatchSampler(
             labels,
             np.arange(len(labels)),

@@ -17,7 +17,7 @@ from dcml.data.folder import ImageDataset, drop_unreadable, scan_class_folder, s
 from dcml.data.records import Splits
 from dcml.data.transforms import eval_transform, train_transform
 
-__all__ = ["DatasetBundle", "DatasetError", "build_bundle", "load_splits"]
+__all__ = ["DatasetBundle", "DatasetError", "build_bundle", "load_splits", "retrieval_size"]
 
 
 def load_splits(config: DataConfig) -> Splits:
@@ -39,6 +39,11 @@ def load_splits(config: DataConfig) -> Splits:
 
     kwargs = {"test_size": config.vehicleid_test_size} if config.dataset == "vehicleid" else {}
     return load_benchmark(config.dataset, config.root, **kwargs)
+
+
+def retrieval_size(splits: Splits) -> int:
+    """How many items one test query searches: the gallery, or every other test image."""
+    return len(splits.gallery) if splits.gallery is not None else len(splits.test) - 1
 
 
 @dataclass(frozen=True)

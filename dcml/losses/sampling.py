@@ -40,6 +40,9 @@ def positive_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return anchors, positives, ~same
 
 
+FAR_WEIGHT = 1e-6  # "~0": a far negative is drawn only when no closer one is left
+
+
 def distance_weight_logits(distances: torch.Tensor, dim: int, cutoff: float) -> torch.Tensor:
     """log q(d)^-1 of Wu et al. 2017 for points on the unit sphere in R^dim.
 
@@ -59,6 +62,10 @@ def distance_weights(
     Valid = different class and ``d < nonzero_loss_cutoff``. A row whose negatives all lie
     at or beyond ``nonzero_loss_cutoff`` falls back to uniform weights over its negatives,
     so that anchor still gets negatives. Same-class entries always weigh 0.
+
+    Negatives at or beyond ``nonzero_loss_cutoff`` keep a tiny weight (``FAR_WEIGHT``
+    times the row's smallest valid weight): without replacement they are drawn only once
+    an anchor has run out of closer negatives, instead of repeating the close ones.
     """
     valid = negatives & (distances < nonzero_loss_cutoff)
     # float64: in high dim the log-weights within a row span hundreds of nats
@@ -66,6 +73,8 @@ def distance_weights(
     row_max = logits.max(dim=1, keepdim=True).values
     row_max = torch.where(valid.any(1, keepdim=True), row_max, torch.zeros_like(row_max))
     weights = (logits - row_max).exp()
+    smallest = weights.masked_fill(~valid, float("inf")).min(dim=1, keepdim=True).values
+    weights = weights + torch.where(negatives & ~valid, FAR_WEIGHT * smallest, torch.zeros_like(weights))
     return torch.where(valid.any(1, keepdim=True), weights, negatives.to(weights.dtype))
 
 
