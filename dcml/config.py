@@ -117,6 +117,7 @@ class EvalConfig:
     the normalised full embedding."""
 
     recall_ks: tuple[int, ...] = (1, 2, 4, 8)
+    every_epochs: int = 2  # evaluate the test split every N epochs (and at re-clusterings)
     embedding: Literal["schedule", "slices", "full"] = "schedule"
     nmi: bool = True
     map_at_r: bool = True
@@ -318,6 +319,7 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
         (d.demo.images_per_class >= 2 and d.demo.image_size >= 16, "data.demo too small"),
         (bool(params.eval.recall_ks) and min(params.eval.recall_ks) >= 1, "eval.recall_ks must be >= 1"),
         (params.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (params.eval.every_epochs >= 1, "eval.every_epochs must be >= 1"),
         (bool(params.sweep.num_learners) and bool(params.sweep.seeds), "sweep lists must be non-empty"),
     ]
     for ok, message in rules:

@@ -55,21 +55,25 @@ def plan(
     recluster_every: int,
     divide_until_epoch: int,
     finetune_from_epoch: int,
+    evaluate_every: int | None = None,
 ) -> list[Segment]:
-    """Split ``range(epochs)`` into segments at every re-clustering and mode boundary.
+    """Split ``range(epochs)`` into segments at every re-clustering and mode boundary,
+    and every ``evaluate_every`` epochs (the driver evaluates after each segment).
 
-    Finetune epochs are also cut every ``recluster_every`` epochs so that evaluation
-    and checkpoints have the same cadence for every K (K=1 included).
+    Without ``evaluate_every``, finetune epochs are cut every ``recluster_every`` epochs,
+    so evaluation and checkpoints have the same cadence for every K (K=1 included).
     """
     if not 0 <= divide_until_epoch <= finetune_from_epoch <= epochs:
         raise ValueError("need 0 <= divide_until_epoch <= finetune_from_epoch <= epochs")
-    if recluster_every < 1 or num_learners < 1:
-        raise ValueError("recluster_every and num_learners must be >= 1")
+    if recluster_every < 1 or num_learners < 1 or (evaluate_every is not None and evaluate_every < 1):
+        raise ValueError("recluster_every, num_learners and evaluate_every must be >= 1")
     segments: list[Segment] = []
     start = 0
     while start < epochs:
         mode = mode_of_epoch(start, num_learners, divide_until_epoch, finetune_from_epoch)
         end = min(epochs, (start // recluster_every + 1) * recluster_every)
+        if evaluate_every is not None:
+            end = min(end, (start // evaluate_every + 1) * evaluate_every)
         for boundary in (divide_until_epoch, finetune_from_epoch):
             if start < boundary < end:
                 end = boundary

@@ -17,9 +17,11 @@ from dcml.atomic import remove_stale_temp_files
 from dcml.config import Params, load_params, to_dict, with_num_learners
 from dcml.evaluate import test_slices
 from dcml.schedule import plan_from_params
-from tasks import io, report, tracking, training
+from tasks import report, tracking, training
 from tasks.layout import RunLayout, params_digest, run_name
 from tasks.runs import data_summary, validate_data, write_run_params
+
+TRAIN_METRICS = ["loss", "seconds", "images_per_second"]
 
 
 def run_folder(out_dir: str | Path, params: Params) -> Path:
@@ -65,13 +67,11 @@ def divide_and_conquer(
                     run_dir, embeddings, division, segment.num_clusters, division_index, segment.start_epoch
                 )
                 division_index += 1
-                stats = io.read_division(division).stats
-                tracking.log_metrics(params, run_id, segment.start_epoch, _prefixed("division/", stats), state)
+                tracking.log_metrics_from(params, run_id, segment.start_epoch, division, "division", state)
             checkpoint = training.train(run_dir, checkpoint, division, segment)
             for epoch in range(segment.start_epoch, segment.end_epoch):
-                epoch_stats = io.read_json(layout.epoch_stats(epoch))
-                numbers = {k: v for k, v in epoch_stats.items() if k in ("loss", "seconds", "images_per_second")}
-                tracking.log_metrics(params, run_id, epoch + 1, _prefixed("train/", numbers), state)
+                stats = str(layout.epoch_stats(epoch))
+                tracking.log_metrics_from(params, run_id, epoch + 1, stats, "train", state, TRAIN_METRICS)
             test_embeddings = _evaluate(
                 params, run_id, run_dir, state, checkpoint, segment.end_epoch, segment.num_learners
             )
@@ -101,10 +101,8 @@ def divide_and_conquer(
 def _evaluate(params: Params, run_id: str, run_dir: str, state: str, checkpoint: str, epoch: int, learners: int) -> str:
     slices = test_slices(params.eval, learners, params.cluster.num_learners)
     embeddings = training.embed(run_dir, checkpoint, "test", epoch, slices)
-    metrics = io.read_json(training.evaluate(run_dir, embeddings, epoch))
-    tracking.log_metrics(
-        params, run_id, epoch, _prefixed("test/", {k: v for k, v in metrics.items() if k != "epoch"}), state
-    )
+    evaluation = training.evaluate(run_dir, embeddings, epoch)
+    tracking.log_metrics_from(params, run_id, epoch, evaluation, "test", state)
     return embeddings
 
 

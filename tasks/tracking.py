@@ -168,6 +168,27 @@ def log_metrics(params: Params, run_id: str, epoch: int, metrics: dict[str, floa
     _mark_done(state_file, key)
 
 
+@task(
+    name="log-metrics-from-file",
+    task_run_name="log-{kind}-epoch-{step}",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+)
+def log_metrics_from(
+    params: Params, run_id: str, step: int, path: str, kind: str, state_file: str, keys: list[str] | None = None
+) -> None:
+    """Log the numbers of a task's output — a JSON file, or a division's stats — at ``step``
+    as ``<kind>/<name>`` metrics."""
+    data = io.read_division(path).stats if path.endswith(".parquet") else io.read_json(path)
+    numbers = {
+        f"{kind}/{key}": float(value)
+        for key, value in data.items()
+        if isinstance(value, int | float) and key != "epoch" and (keys is None or key in keys)
+    }
+    log_metrics.fn(params, run_id, step, numbers, state_file)
+
+
 def _metric_key(name: str) -> str:
     return name.replace("@", "_at_")
 

@@ -59,3 +59,17 @@ def test_segments_cover_every_epoch_once():
 def test_invalid_boundaries_raise():
     with pytest.raises(ValueError):
         plan(epochs=5, num_learners=2, recluster_every=2, divide_until_epoch=4, finetune_from_epoch=3)
+
+
+def test_evaluation_cadence_cuts_segments_without_extra_reclustering():
+    segments = plan(
+        epochs=6, num_learners=4, recluster_every=2, divide_until_epoch=4, finetune_from_epoch=4, evaluate_every=1
+    )
+    assert modes(segments) == [
+        (0, 1, "divide", True),
+        (1, 2, "divide", False),  # same division, evaluated after epoch 1
+        (2, 3, "divide", True),
+        (3, 4, "divide", False),
+        (4, 5, "finetune", False),
+        (5, 6, "finetune", False),
+    ]
