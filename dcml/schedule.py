@@ -94,4 +94,11 @@ def plan(
 def plan_from_params(params) -> list[Segment]:  # noqa: ANN001 - dcml.config.Params
     """:func:`plan` with the values of a :class:`dcml.config.Params`."""
     c = params.cluster
-    return plan(params.train.epochs, c.num_learners, c.recluster_every, c.divide_until_epoch, c.finetune_from_epoch)
+    return plan(
+        params.train.epochs,
+        c.num_learners,
+        c.recluster_every,
+        c.divide_until_epoch,
+        c.finetune_from_epoch,
+        evaluate_every=params.eval.every_epochs,
+    )

@@ -73,3 +73,20 @@ def test_evaluation_cadence_cuts_segments_without_extra_reclustering():
         (4, 5, "finetune", False),
         (5, 6, "finetune", False),
     ]
+
+
+def test_plan_from_params_uses_the_evaluation_cadence():
+    import dataclasses
+
+    from dcml.config import load_params
+    from dcml.schedule import plan_from_params
+    from tests.conftest import REPO_ROOT
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    for every in (1, 3):
+        params = dataclasses.replace(params, eval=dataclasses.replace(params.eval, every_epochs=every))
+        ends = [s.end_epoch for s in plan_from_params(params)]
+        expected = sorted(
+            {*range(every, params.train.epochs + 1, every), *range(2, params.train.epochs + 1, 2), params.train.epochs}
+        )
+        assert ends == expected
