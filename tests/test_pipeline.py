@@ -120,6 +120,8 @@ def test_mlflow_parent_run_with_one_child_per_k(sweep_result):
     assert [m.step for m in recall] == [0, 1, 2, 3]
     assert len(client.get_metric_history(k4.info.run_id, "train/images_per_second")) == 3
     assert client.get_metric_history(k4.info.run_id, "division/size_entropy")
+    assert client.get_metric_history(k4.info.run_id, "division/images_dropped")
+    assert client.get_metric_history(k4.info.run_id, "division/nmi_to_previous")
     assert client.get_metric_history(k4.info.run_id, "data/images_skipped")[0].value == 0
     artifacts = {a.path for a in client.list_artifacts(k4.info.run_id)}
     assert {"plots", "divisions", "embeddings", "metrics"} <= artifacts
