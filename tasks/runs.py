@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from dcml.config import ConfigError, Params, check_against_data, load_params, to_dict
+from dcml.config import ConfigError, DataConfig, Params, check_against_data, load_params, to_dict
 from dcml.data import DatasetBundle, build_bundle, load_splits, retrieval_size
 from dcml.device import resolve_device
 from tasks.layout import RunLayout, params_digest
@@ -70,20 +70,13 @@ def validate_data(params: Params) -> None:
 
 
 @lru_cache(maxsize=4)
-def _bundle(params_yaml: str) -> DatasetBundle:
-    params = load_params_text(params_yaml)
-    return build_bundle(load_splits(params.data), params.data)
+def _bundle(data: DataConfig) -> DatasetBundle:
+    return build_bundle(load_splits(data), data)
 
 
 def bundle_for(params: Params) -> DatasetBundle:
     """The run's datasets, built once per process (tasks of one flow share it)."""
-    return _bundle(yaml.safe_dump(to_dict(params), sort_keys=True))
-
-
-def load_params_text(text: str) -> Params:
-    from dcml.config import params_from_dict
-
-    return params_from_dict(yaml.safe_load(text))
+    return _bundle(params.data)  # frozen, hence hashable
 
 
 def data_summary(params: Params) -> dict[str, float]:

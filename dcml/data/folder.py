@@ -128,16 +128,20 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def is_readable(path: str | Path) -> bool:
+    """Whether PIL can open and fully decode the file (a truncated JPEG fails ``load``)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        return False
+    return True
+
+
 def find_unreadable(paths: ImageRecords | Iterable[str]) -> list[str]:
-    """The paths (in input order) that :func:`load_image` cannot decode."""
+    """The paths (in input order) that cannot be decoded."""
     candidates = paths.paths if isinstance(paths, ImageRecords) else paths
-    unreadable = []
-    for path in candidates:
-        try:
-            load_image(path)
-        except DatasetError:
-            unreadable.append(str(path))
-    return unreadable
+    return [str(path) for path in candidates if not is_readable(path)]
 
 
 def drop_unreadable(records: ImageRecords) -> tuple[ImageRecords, list[str]]:

@@ -6,21 +6,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from PIL import Image
-
+from dcml.data.folder import is_readable
 from dcml.data.records import ImageRecords
 
 NUM_EXAMPLES = 5
-
-
-def is_readable(path: str) -> bool:
-    """Whether PIL can fully decode the image (a truncated JPEG fails ``load``)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        return False
-    return True
 
 
 def summarize_split(records: ImageRecords, *, check_images: bool = True, workers: int = 8) -> dict[str, Any]:
