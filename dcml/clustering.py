@@ -6,12 +6,12 @@ a negative id marks an image excluded from the division (e.g. dropped singletons
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import normalized_mutual_info_score
 
-from dcml.faiss_backend import resolve_use_gpu
+# faiss through faiss_backend: a missing faiss then fails with the install hint
+from dcml.faiss_backend import faiss, flat_l2_index, resolve_use_gpu
 
 _INT32_MAX = 2**31 - 1
 
@@ -37,8 +37,13 @@ def build_kmeans(
     max_points_per_centroid: int = 256,
     use_gpu: bool | None = None,
 ) -> faiss.Kmeans:
-    """Configured (untrained) ``faiss.Kmeans``; every argument lands in ``kmeans.cp``."""
-    return faiss.Kmeans(
+    """Configured (untrained) ``faiss.Kmeans``; every argument lands in ``kmeans.cp``.
+
+    On GPU its assignment index (``kmeans.index``, used by ``train`` and for the final
+    assignment) is a ``GpuIndexFlatL2`` on the shared :func:`dcml.faiss_backend.gpu_resources`
+    and the current device, instead of faiss's own resources on all GPUs (``gpu=True``).
+    """
+    model = faiss.Kmeans(
         dim,
         k,
         niter=niter,
@@ -48,9 +53,11 @@ def build_kmeans(
         # small clusters are legitimate here (NMI with one cluster per test class):
         # without this faiss warns on stderr when n < 39 * k
         min_points_per_centroid=1,
-        gpu=resolve_use_gpu(use_gpu),
         verbose=False,
     )
+    if resolve_use_gpu(use_gpu):
+        model.index = flat_l2_index(dim, use_gpu=True)
+    return model
 
 
 def kmeans(
