@@ -16,7 +16,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 # Prefect's database and profile live in the project, not in ~/.prefect.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: help install data demo test test-slow test-all lint bench prefect-server worker deploy mlflow-ui clean
+.PHONY: help install data demo test test-slow test-all lint bench bench-loader bench-gpu bench-scale prefect-server worker deploy mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'
 	$(PY) -m compileall -q -j 0 dcml tasks flows tests >/dev/null
 	touch $@
 
@@ -54,8 +54,17 @@ lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check dcml tasks flows tests bench
 	$(BIN)/ruff format --check dcml tasks flows tests bench
 
-bench: $(STAMP)  ## training throughput of our loop vs a bare torch loop
-	$(PY) bench/bench_train_step.py
+bench: $(STAMP)  ## training throughput: our loop (resumed trainer) vs a bare torch loop
+	$(PY) bench/bench_train_step.py --repeats 3
+
+bench-loader: $(STAMP)  ## our loader + step over JPEG files vs a bare loop on in-memory tensors (CPU sizes)
+	$(PY) bench/bench_loader.py --backbone small_cnn --image-size 64 --num-workers auto --repeats 3
+
+bench-gpu: $(STAMP)  ## GPU benchmark (ResNet-50 step, host syncs, loader, JPEG decode, faiss): one JSON object
+	$(PY) bench/bench_gpu.py
+
+bench-scale: $(STAMP)  ## scale rehearsal on CPU: SOP-sized synthetic data through `dcml train` (JSON per phase)
+	$(PY) bench/bench_scale.py
 
 prefect-server: $(STAMP)  ## Prefect server + UI on http://127.0.0.1:4200
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200

@@ -55,7 +55,8 @@ class DataConfig:
     resize_size: int = 256
     crop_scale_min: float = 0.08  # RandomResizedCrop's smallest area fraction
     skip_corrupt: bool = False
-    num_workers: int = 0
+    # DataLoader worker processes; "auto" = from the CPU count (see dcml.device.resolve_num_workers)
+    num_workers: int | Literal["auto"] = 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,14 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False  # autocast to bfloat16 on CUDA
     channels_last: bool = False
+    cudnn_benchmark: bool = False  # CUDA: let cuDNN pick the fastest convolution algorithms
+    tf32: bool = False  # CUDA: TF32 matmuls/convolutions (float32 ops on tensor cores)
+    # CUDA: deterministic kernels (cudnn.deterministic, torch.use_deterministic_algorithms,
+    # CUBLAS_WORKSPACE_CONFIG) — same seed, same GPU and software → same metrics; slower
+    deterministic: bool = False
+    # newest checkpoints a run keeps (the final one is always kept); older ones are
+    # deleted once nothing needs them. Does not change results (not part of the run key).
+    keep_checkpoints: int = 1
 
 
 @dataclass(frozen=True)
@@ -117,9 +126,9 @@ class EvalConfig:
     the normalised full embedding."""
 
     recall_ks: tuple[int, ...] = (1, 2, 4, 8)
-    every_epochs: int = 2  # evaluate the test split every N epochs (and at re-clusterings)
+    every_epochs: int = 2  # evaluate the test split every N epochs, after epoch 0 and the last epoch
     embedding: Literal["schedule", "slices", "full"] = "schedule"
-    nmi: bool = True
+    nmi: Literal[True, False, "final"] = True  # "final": only at the last evaluation (k-means is costly)
     map_at_r: bool = True
     batch_size: int = 128
 
@@ -234,7 +243,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return _build(hint, value, key)
     origin = typing.get_origin(hint)
     if origin is Literal:
-        if value not in typing.get_args(hint):
+        if not any(type(value) is type(option) and value == option for option in typing.get_args(hint)):
             raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(hint))}")
         return value
     if origin is tuple:
@@ -243,7 +252,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         (item_type, _) = typing.get_args(hint)
         return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{key}: unsupported union type")
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not {' or '.join(_describe(o) for o in typing.get_args(hint))}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):
@@ -253,6 +267,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if not isinstance(value, hint):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(hint))
+    return "an integer" if hint is int else getattr(hint, "__name__", str(hint))
 
 
 def _join(prefix: str, name: str) -> str:
@@ -315,7 +335,13 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
         (not set(d.split.train_classes) & set(d.split.test_classes), "data.split lists overlap"),
         (8 <= d.image_size <= d.resize_size, "need 8 <= data.image_size <= data.resize_size"),
         (0 < d.crop_scale_min <= 1, "data.crop_scale_min must be in (0, 1]"),
-        (d.num_workers >= 0, "data.num_workers must be >= 0"),
+        (d.num_workers == "auto" or d.num_workers >= 0, "data.num_workers must be >= 0 or auto"),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1 (resume needs the latest checkpoint)"),
+        (
+            not (t.deterministic and t.cudnn_benchmark),
+            "train.deterministic and train.cudnn_benchmark exclude each other (benchmarking picks "
+            "algorithms by timing, which is not deterministic)",
+        ),
         (d.demo.images_per_class >= 2 and d.demo.image_size >= 16, "data.demo too small"),
         (bool(params.eval.recall_ks) and min(params.eval.recall_ks) >= 1, "eval.recall_ks must be >= 1"),
         (params.eval.batch_size >= 1, "eval.batch_size must be >= 1"),

@@ -38,6 +38,7 @@ def embed_dataset(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
     )
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -16,7 +16,7 @@ from dcml.config import Params, check_against_data
 from dcml.data import DatasetBundle, retrieval_size
 from dcml.division import Division, all_data, divide
 from dcml.evaluate import evaluate_bundle
-from dcml.schedule import Segment, plan_from_params
+from dcml.schedule import Step, steps_from_params
 from dcml.train import EpochStats
 from dcml.trainer import Trainer
 
@@ -29,15 +29,14 @@ class FitResult:
     divisions: list[tuple[int, Division]] = field(default_factory=list)  # (start epoch, division)
 
 
-def next_division(
-    trainer: Trainer, bundle: DatasetBundle, segment: Segment, previous: Division | None, division_index: int
-) -> Division:
-    """The division a segment trains on: re-clustered, kept, or all data (finetune)."""
-    if segment.mode == "finetune":
+def next_division(trainer: Trainer, bundle: DatasetBundle, step: Step, previous: Division | None) -> Division:
+    """The division a step trains on: a new clustering, the previous one, or all data."""
+    if step.division == "all":
         return all_data(len(bundle.splits.train))
-    if not segment.recluster and previous is not None and previous.num_clusters == segment.num_clusters:
+    if step.division == "previous":
+        assert previous is not None, "a 'previous' step always follows a 'new' one"
         return previous
-    cluster = trainer.params.cluster
+    segment, cluster = step.segment, trainer.params.cluster
     embeddings, labels, _ = trainer.embed(
         bundle.train_eval, num_learners=segment.num_learners, features=cluster.space == "backbone"
     )
@@ -47,7 +46,7 @@ def next_division(
         labels,
         segment.num_clusters,
         cluster,
-        seed=kmeans_seed(trainer.params.seed, division_index),
+        seed=kmeans_seed(trainer.params.seed, step.division_index),
         previous=previous.assignment if keep_previous else None,
     )
 
@@ -60,21 +59,28 @@ def fit(
     evaluate_untrained: bool = True,
     on_epoch: Callable[[EpochStats], None] = lambda stats: None,
 ) -> FitResult:
-    """Train with the schedule of ``params`` and evaluate after every segment."""
+    """Train with the schedule of ``params``, evaluating at the cadence of ``eval.every_epochs``."""
     check_against_data(params, bundle.splits.train.num_classes, retrieval_size(bundle.splits))
     trainer = Trainer.create(params, bundle.splits.train.num_classes, device)
     result = FitResult(trainer)
     if evaluate_untrained:
-        result.evaluations.append((0, evaluate_bundle(trainer, bundle, segment_learners=params.cluster.num_learners)))
+        result.evaluations.append(
+            (0, evaluate_bundle(trainer, bundle, segment_learners=params.cluster.num_learners, final=False))
+        )
     division: Division | None = None
-    for segment in plan_from_params(params):
-        new_division = next_division(trainer, bundle, segment, division, len(result.divisions))
-        if new_division is not division and segment.mode != "finetune":
+    for step in steps_from_params(params):
+        segment = step.segment
+        new_division = next_division(trainer, bundle, step, division)
+        if step.division == "new":
             result.divisions.append((segment.start_epoch, new_division))
-        division = new_division
-        for stats in trainer.train_segment(segment, bundle.train, bundle.splits.train.labels, division):
+        if step.division != "all":
+            division = new_division
+        for stats in trainer.train_segment(segment, bundle.train, bundle.splits.train.labels, new_division):
             result.epochs.append(stats)
             on_epoch(stats)
-        metrics = evaluate_bundle(trainer, bundle, segment_learners=segment.num_learners)
-        result.evaluations.append((segment.end_epoch, metrics))
+        if step.evaluate:
+            metrics = evaluate_bundle(
+                trainer, bundle, segment_learners=segment.num_learners, final=segment.end_epoch == params.train.epochs
+            )
+            result.evaluations.append((segment.end_epoch, metrics))
     return result

@@ -58,7 +58,7 @@ def plan(
     evaluate_every: int | None = None,
 ) -> list[Segment]:
     """Split ``range(epochs)`` into segments at every re-clustering and mode boundary,
-    and every ``evaluate_every`` epochs (the driver evaluates after each segment).
+    and every ``evaluate_every`` epochs (where :func:`steps` evaluates).
 
     Without ``evaluate_every``, finetune epochs are cut every ``recluster_every`` epochs,
     so evaluation and checkpoints have the same cadence for every K (K=1 included).
@@ -102,3 +102,50 @@ def plan_from_params(params) -> list[Segment]:  # noqa: ANN001 - dcml.config.Par
         c.finetune_from_epoch,
         evaluate_every=params.eval.every_epochs,
     )
+
+
+DivisionSource = Literal["new", "previous", "all"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """A segment with what surrounds it — the one place that decides, for every driver
+    (``dcml.fit`` and the Prefect flow), where a segment's batches come from and whether
+    the test split is evaluated after it.
+
+    ``division``: ``new`` — cluster the training embeddings before the segment (the
+    ``division_index``-th division, which seeds k-means); ``previous`` — keep the last
+    division; ``all`` — all training data as one group (finetune).
+    """
+
+    segment: Segment
+    division: DivisionSource
+    division_index: int  # index of the division the segment trains on; -1 with "all"
+    evaluate: bool
+
+
+def evaluates_at(epoch: int, epochs: int, every: int) -> bool:
+    """Test evaluation after ``epoch`` epochs: every ``every`` epochs, the untrained model
+    (epoch 0) and the final epoch."""
+    return epoch % every == 0 or epoch == epochs
+
+
+def steps(segments: list[Segment], epochs: int, evaluate_every: int) -> list[Step]:
+    """The segments of :func:`plan` annotated with their division source and evaluation."""
+    out: list[Step] = []
+    divisions = 0
+    for segment in segments:
+        if segment.mode == "finetune":
+            source, index = "all", -1
+        elif segment.recluster or divisions == 0:
+            source, index = "new", divisions
+            divisions += 1
+        else:
+            source, index = "previous", divisions - 1
+        out.append(Step(segment, source, index, evaluates_at(segment.end_epoch, epochs, evaluate_every)))
+    return out
+
+
+def steps_from_params(params) -> list[Step]:  # noqa: ANN001 - dcml.config.Params
+    """:func:`steps` of :func:`plan_from_params`."""
+    return steps(plan_from_params(params), params.train.epochs, params.eval.every_epochs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -84,11 +84,64 @@ def epoch_batches(
     return [(learner if per_learner else None, batch) for learner, batch in interleave_round_robin(samplers)]
 
 
+class EpochBatchSampler:
+    """``batch_sampler`` of a segment's training DataLoader: the current epoch's batches.
+
+    Built once per segment so the loader's workers persist across its epochs;
+    :meth:`set_epoch` installs the next epoch's batches. Each index is paired with the
+    seed of its image's random transforms (see ``ImageDataset.__getitem__``): the
+    augmentation of an image is a function of (epoch seed, step, position) alone, the
+    same with 0 or 16 workers and whatever order they finish in.
+    """
+
+    def __init__(self) -> None:
+        self.batches: Sequence[Batch] = []
+        self.seed = 0
+
+    def set_epoch(self, batches: Sequence[Batch], seed: int) -> None:
+        self.batches, self.seed = batches, seed
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step, (_, indices) in enumerate(self.batches):
+            yield [(int(index), item_seed(self.seed, step, position)) for position, index in enumerate(indices)]
+
+
+def item_seed(epoch_seed: int, step: int, position: int) -> int:
+    """Seed of the random transforms of the image at ``position`` of batch ``step``."""
+    return ((epoch_seed * 1_000_003 + step) * 1_000_003 + position) % 2**63
+
+
+def train_loader(dataset: Dataset, sampler: EpochBatchSampler, *, num_workers: int, device: torch.device) -> DataLoader:
+    """Workers persist across epochs, batches are prefetched and, on CUDA, pinned (by the
+    loader's pinning thread, not the training loop) for asynchronous copies."""
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        # the loader draws its workers' base seed from this generator instead of torch's
+        # global one, which dropout uses: with 0 workers it would draw at every epoch,
+        # with persistent workers only once, and the runs would differ
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+# A non-finite loss is looked for every this many steps (one host sync each) and at the
+# end of the epoch, instead of a sync per step; a NaN then stops the epoch before any
+# checkpoint is written.
+FINITE_CHECK_EVERY = 50
+
+
 def train_epoch(
     model: nn.Module,
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
-    dataset: Dataset,
+    loader: Iterable,
     batches: Sequence[Batch],
     *,
     epoch: int,
@@ -97,21 +150,15 @@ def train_epoch(
     generator: torch.Generator | None = None,
     bf16: bool = False,
     channels_last: bool = False,
-    num_workers: int = 0,
     progress: Progress = lambda iterable, total: iterable,
 ) -> EpochStats:
-    """One pass over ``batches``; the dataset yields ``(image, label, index)``."""
+    """One pass over ``batches``; ``loader`` yields their ``(images, labels, indices)``
+    in order (see :func:`train_loader`)."""
     model.train()
-    loader = DataLoader(
-        dataset,
-        batch_sampler=[indices for _, indices in batches],
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    total_loss, num_images, start = 0.0, 0, time.perf_counter()
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)  # summed on the device: no sync per step
+    num_images, checked, start = 0, 0, time.perf_counter()
     for step, ((learner, _), (images, labels, _)) in enumerate(
         progress(zip(batches, loader, strict=True), len(batches))
     ):
@@ -120,19 +167,29 @@ def train_epoch(
         with autocast:
             embeddings = model(images, num_learners=num_learners, learner=learner)
         loss = loss_fn(embeddings.float(), labels, generator=generator)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, batch {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(labels)
-        num_images += len(labels)
+        total_loss += loss.detach() * labels.shape[0]
+        num_images += labels.shape[0]
+        if (step + 1) % FINITE_CHECK_EVERY == 0:
+            _check_finite(total_loss, epoch, checked, step)
+            checked = step + 1
+    _check_finite(total_loss, epoch, checked, len(batches) - 1)
     seconds = time.perf_counter() - start
     return EpochStats(
         epoch=epoch,
-        loss=total_loss / max(num_images, 1),
+        loss=float(total_loss) / max(num_images, 1),
         num_batches=len(batches),
         num_images=num_images,
         seconds=seconds,
         images_per_second=num_images / seconds if seconds > 0 else 0.0,
     )
+
+
+def _check_finite(total_loss: torch.Tensor, epoch: int, first: int, last: int) -> None:
+    if not torch.isfinite(total_loss):
+        raise NonFiniteLossError(
+            f"loss became {float(total_loss)} at epoch {epoch}, between batches {first} and {last}; "
+            "lower the learning rate"
+        )

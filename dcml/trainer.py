@@ -17,12 +17,22 @@ from torch.utils.data import Dataset
 
 from dcml.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
 from dcml.config import Params, params_from_dict, to_dict
+from dcml.device import configure_backend, resolve_num_workers
 from dcml.division import Division
 from dcml.embed import embed_dataset
 from dcml.losses import build_loss
 from dcml.model import Embedder
 from dcml.schedule import Segment
-from dcml.train import EpochStats, Progress, build_optimizer, epoch_batches, set_epoch_lr, train_epoch
+from dcml.train import (
+    EpochBatchSampler,
+    EpochStats,
+    Progress,
+    build_optimizer,
+    epoch_batches,
+    set_epoch_lr,
+    train_epoch,
+    train_loader,
+)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -34,8 +44,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class Trainer:
     params: Params
     model: Embedder
-    loss: nn.Module
-    optimizer: torch.optim.Optimizer
+    loss: nn.Module | None  # None: built for inference (embedding) only
+    optimizer: torch.optim.Optimizer | None
     device: torch.device
     num_train_classes: int
     epochs_done: int = 0
@@ -45,6 +55,7 @@ class Trainer:
         cls, params: Params, num_train_classes: int, device: torch.device, *, load_pretrained: bool = True
     ) -> Trainer:
         """Fresh model (weights initialised from ``params.seed``), loss and optimiser."""
+        configure_backend(params.train, device)
         torch.manual_seed(params.seed)  # parameter init draws from torch's generator
         model_config = params.model if load_pretrained else replace(params.model, pretrained="none")
         model = Embedder(model_config, num_learners_init=params.cluster.num_learners).to(device)
@@ -56,15 +67,36 @@ class Trainer:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: torch.device) -> Trainer:
-        state = load_checkpoint(path, map_location=device)
+        """Resume training: model, loss, optimiser and RNG states as saved.
+
+        The file is read onto the CPU; ``load_state_dict`` moves weights and Adam's
+        moments to ``device`` and leaves Adam's ``step`` counters on the CPU, as a fresh
+        optimiser has them (on the GPU each would cost a host sync per step).
+        """
+        state = load_checkpoint(path)
         params = params_from_dict(state["config"])
         trainer = cls.create(params, state["extra"]["num_train_classes"], device, load_pretrained=False)
         trainer.model.load_state_dict(state["model"])
         trainer.loss.load_state_dict(state["loss"])
         trainer.optimizer.load_state_dict(state["optimizer"])
-        restore_rng_states(state["rng"])
+        restore_rng_states(state["rng"], device)
         trainer.epochs_done = state["epoch"]
         return trainer
+
+    @classmethod
+    def for_inference(cls, path: str | Path, device: torch.device) -> Trainer:
+        """The model of a checkpoint, for embedding: the optimiser state is never read
+        (the file is memory-mapped) and no loss or optimiser is built."""
+        state = load_checkpoint(path, model_only=True)
+        params = params_from_dict(state["config"])
+        configure_backend(params.train, device)
+        model = Embedder(replace(params.model, pretrained="none"), num_learners_init=params.cluster.num_learners)
+        model.load_state_dict(state["model"])
+        model = model.to(device)
+        if params.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        num_classes = state["extra"]["num_train_classes"]
+        return cls(params, model.eval(), None, None, device, num_classes, epochs_done=state["epoch"])
 
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(
@@ -74,8 +106,13 @@ class Trainer:
             loss=self.loss,
             epoch=self.epochs_done,
             config=to_dict(self.params),
+            device=self.device,
             extra={"num_train_classes": self.num_train_classes},
         )
+
+    @property
+    def num_workers(self) -> int:
+        return resolve_num_workers(self.params.data.num_workers, self.device)
 
     def train_segment(
         self,
@@ -87,14 +124,20 @@ class Trainer:
         progress: Progress = lambda iterable, total: iterable,
     ) -> list[EpochStats]:
         """Train epochs ``segment.start_epoch .. end_epoch-1`` on ``division``'s batches."""
+        if self.optimizer is None or self.loss is None:
+            raise RuntimeError("this trainer was built for inference (Trainer.for_inference); it cannot train")
         if self.epochs_done != segment.start_epoch:
             raise RuntimeError(f"trainer is at epoch {self.epochs_done}, segment starts at {segment.start_epoch}")
         t = self.params.train
         stats = []
+        # one loader for the segment: its workers persist across epochs, the sampler changes
+        sampler = EpochBatchSampler()
+        loader = train_loader(dataset, sampler, num_workers=self.num_workers, device=self.device)
         for epoch in range(segment.start_epoch, segment.end_epoch):
             seed = epoch_seed(self.params.seed, epoch)
-            # torchvision's random transforms draw from torch's global generator; negative
-            # sampling gets a generator of its own, seeded differently.
+            # dropout draws from torch's global generator; each image's random transforms
+            # from a seed of its own (EpochBatchSampler), so results do not depend on the
+            # number of loader workers; negative sampling has a generator of its own.
             torch.manual_seed(seed)
             generator = torch.Generator(device=self.device).manual_seed(seed + 1)
             set_epoch_lr(self.optimizer, epoch, t.lr_decay_gamma)
@@ -107,12 +150,13 @@ class Trainer:
                 seed=self.params.seed,
                 epoch=epoch,
             )
+            sampler.set_epoch(batches, seed)
             stats.append(
                 train_epoch(
                     self.model,
                     self.loss,
                     self.optimizer,
-                    dataset,
+                    loader,
                     batches,
                     epoch=epoch,
                     num_learners=segment.num_learners,
@@ -120,7 +164,6 @@ class Trainer:
                     generator=generator,
                     bf16=t.bf16,
                     channels_last=t.channels_last,
-                    num_workers=self.params.data.num_workers,
                     progress=progress,
                 )
             )
@@ -142,7 +185,7 @@ class Trainer:
             num_learners=num_learners,
             features=features,
             batch_size=self.params.eval.batch_size,
-            num_workers=self.params.data.num_workers,
+            num_workers=self.num_workers,
             bf16=False,  # embeddings for clustering and evaluation stay in float32
             channels_last=self.params.train.channels_last,
             progress=progress,

@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> None:
     seed = params.seed if args.seed is None else args.seed
     preflight(args.params, [(k, seed)], args.out)
 
-    result = divide_and_conquer(args.params, k, seed, args.out)
+    result = divide_and_conquer(args.params, k, seed, args.out, fresh=args.fresh)
     print(json.dumps(result, indent=2, default=str))
 
 
@@ -28,7 +28,9 @@ def _sweep(args: argparse.Namespace) -> None:
 
     preflight(args.params, sweep_points_of(args.params, args.num_learners, args.seeds), args.out)
 
-    result = sweep(args.params, args.out, args.num_learners, args.seeds, args.concurrent or None, not args.keep)
+    result = sweep(
+        args.params, args.out, args.num_learners, args.seeds, args.concurrent or None, not args.keep, args.fresh
+    )
     print(json.dumps(result, indent=2, default=str))
 
 
@@ -40,7 +42,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from dcml.evaluate import evaluate_embeddings
     from dcml.trainer import Trainer
 
-    trainer = Trainer.from_checkpoint(args.checkpoint, resolve_device(args.device))
+    trainer = Trainer.for_inference(args.checkpoint, resolve_device(args.device))
     data = trainer.params.data if args.data_root is None else replace(trainer.params.data, root=args.data_root)
     bundle = build_bundle(load_splits(data), data)
     embeddings, labels, _ = trainer.embed(bundle.test, num_learners=args.num_learners)
@@ -84,10 +86,19 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         sub.add_argument("--out", default="outputs", help="output folder for runs and reports (default: outputs)")
 
+    def fresh(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--fresh",
+            action="store_true",
+            help="start over: delete the run folder(s) of these params first. Without it a rerun continues "
+            "from the newest checkpoint, also after a code change (the code version is recorded per epoch range)",
+        )
+
     train = commands.add_parser("train", help="one Divide-and-Conquer run (Prefect flow)")
     common(train)
     train.add_argument("--num-learners", "-k", type=int, help="K, overrides cluster.num_learners (1 = baseline)")
     train.add_argument("--seed", type=int, help="overrides the top-level seed")
+    fresh(train)
     train.set_defaults(func=_train)
 
     sweep = commands.add_parser("sweep", help="train every K of sweep.num_learners (K=1 always added) and compare")
@@ -96,6 +107,7 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", type=int, nargs="+", help="seeds (default: sweep.seeds)")
     sweep.add_argument("--concurrent", action="store_true", help="run the K values concurrently (threads)")
     sweep.add_argument("--keep", action="store_true", help="keep run folders of other params under OUT/runs")
+    fresh(sweep)
     sweep.set_defaults(func=_sweep)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on its test split, print JSON")
@@ -140,12 +152,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from dcml.checkpoint import CheckpointError
     from dcml.config import ConfigError
     from dcml.data.errors import DatasetError
 
     try:
         args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as error:
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as error:
         print(f"dcml: error: {error}", file=sys.stderr)
         return 2
     return 0

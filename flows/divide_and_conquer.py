@@ -1,9 +1,14 @@
 """One Divide-and-Conquer training run as a Prefect flow.
 
-The flow walks the schedule of :func:`dcml.schedule.plan_from_params` and alternates
-discrete tasks — ``embed-train-epoch-N`` → ``cluster-epoch-N`` → ``train-epochs-A-B`` →
-``embed-test-epoch-M`` → ``evaluate-epoch-M`` — that exchange file paths. Every task
-skips work whose output already exists, so rerunning after a crash resumes.
+The flow walks :func:`dcml.schedule.steps_from_params` and alternates discrete tasks —
+``embed-train-epoch-N`` → ``cluster-epoch-N`` → ``train-epochs-A-B`` →
+``embed-test-epoch-M`` → ``evaluate-epoch-M`` — that exchange file paths.
+
+Resume: the run folder is keyed on the params that change results (not on the code).
+A rerun continues from the run's newest checkpoint: segments that end at or before it
+are done (their divisions, epoch statistics and evaluations are on disk and are only
+logged), the rest is computed. Tasks also skip work whose output exists, so a crash
+between a task's output and the next task loses nothing. ``fresh`` starts over.
 """
 
 from __future__ import annotations
@@ -11,15 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from dcml.atomic import remove_stale_temp_files
-from dcml.config import Params, load_params, to_dict, with_num_learners
+from dcml.config import ConfigError, Params, load_params, to_dict, with_num_learners
 from dcml.evaluate import test_slices
-from dcml.schedule import plan_from_params
-from tasks import report, tracking, training
+from dcml.schedule import steps_from_params
+from tasks import provenance, report, tracking, training
 from tasks.layout import RunLayout, params_digest, run_name
-from tasks.runs import data_summary, validate_data, write_run_params
+from tasks.runs import data_summary, reset_run, validate_data, write_run_params
 
 TRAIN_METRICS = ["loss", "seconds", "images_per_second"]
 
@@ -37,44 +42,57 @@ def divide_and_conquer(
     seed: int | None = None,
     out_dir: str = "outputs",
     parent_run_id: str | None = None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate one run; returns its final metrics (also in ``<run>/metrics.json``).
 
     ``num_learners``/``seed`` override ``cluster.num_learners``/``seed`` of the params file.
+    ``fresh`` deletes the run's folder first instead of continuing it.
     """
     params = load_params(params_path)
     if num_learners is not None or seed is not None:
         params = with_num_learners(params, params.cluster.num_learners if num_learners is None else num_learners, seed)
     validate_data(params)
     layout = RunLayout(run_folder(out_dir, params))
+    if fresh:
+        reset_run(layout)
     write_run_params(params, layout)
     remove_stale_temp_files(layout.root)  # left by a run killed mid-write
+    resume = layout.latest_checkpoint_epoch()
+    versions = provenance.record_code_version(layout, resume or 0)
+    _log_resume(layout, resume, versions)
     run_dir, name = str(layout.root), run_name(params.cluster.num_learners, params.seed)
     state = str(layout.tracking_state)
     run_id = tracking.start_run(params, name, state, parent_run_id)
     try:
         tracking.log_metrics(params, run_id, 0, _prefixed("data/", data_summary(params)), state)
-        checkpoint = training.init_model(run_dir)
-        test_embeddings = _evaluate(params, run_id, run_dir, state, checkpoint, 0, params.cluster.num_learners)
+        if resume is None:
+            checkpoint, resume = training.init_model(run_dir), 0
+        else:
+            checkpoint = str(layout.checkpoint(resume))
+        _evaluate(params, layout, run_id, checkpoint, 0, params.cluster.num_learners, resume)
         division: str | None = None
-        division_index = 0
-        for segment in plan_from_params(params):
-            if segment.mode == "finetune":
+        for step in steps_from_params(params):
+            segment = step.segment
+            if step.division == "all":
                 division = None
-            elif segment.recluster or division is None:
-                embeddings = training.embed(run_dir, checkpoint, "train", segment.start_epoch, segment.num_learners)
-                division = training.cluster(
-                    run_dir, embeddings, division, segment.num_clusters, division_index, segment.start_epoch
-                )
-                division_index += 1
+            elif step.division == "new":
+                path = layout.division(segment.start_epoch)
+                if _to_compute(path, segment.start_epoch, resume):
+                    embeddings = training.embed(run_dir, checkpoint, "train", segment.start_epoch, segment.num_learners)
+                    training.cluster(
+                        run_dir, embeddings, division, segment.num_clusters, step.division_index, segment.start_epoch
+                    )
+                division = str(path)
                 tracking.log_metrics_from(params, run_id, segment.start_epoch, division, "division", state)
-            checkpoint = training.train(run_dir, checkpoint, division, segment)
+            if segment.end_epoch > resume:
+                checkpoint = training.train(run_dir, checkpoint, division, segment)
             for epoch in range(segment.start_epoch, segment.end_epoch):
                 stats = str(layout.epoch_stats(epoch))
                 tracking.log_metrics_from(params, run_id, epoch + 1, stats, "train", state, TRAIN_METRICS)
-            test_embeddings = _evaluate(
-                params, run_id, run_dir, state, checkpoint, segment.end_epoch, segment.num_learners
-            )
+            if step.evaluate:
+                _evaluate(params, layout, run_id, checkpoint, segment.end_epoch, segment.num_learners, resume)
+        test_embeddings = str(layout.embeddings("test", params.train.epochs))
         final = report.summarize_run(run_dir, name, test_embeddings)
         tracking.log_artifacts(
             params,
@@ -84,6 +102,7 @@ def divide_and_conquer(
                 "divisions": str(layout.root / "divisions"),
                 "history": str(layout.root / "eval_history.csv"),
                 "history/train": str(layout.root / "train_history.csv"),
+                "history/code": str(layout.code_versions),
                 "embeddings": test_embeddings,
                 "metrics": str(layout.final_metrics),
             },
@@ -98,12 +117,49 @@ def divide_and_conquer(
     return {**final, "run_dir": run_dir, "mlflow_run_id": run_id}
 
 
-def _evaluate(params: Params, run_id: str, run_dir: str, state: str, checkpoint: str, epoch: int, learners: int) -> str:
-    slices = test_slices(params.eval, learners, params.cluster.num_learners)
-    embeddings = training.embed(run_dir, checkpoint, "test", epoch, slices)
-    evaluation = training.evaluate(run_dir, embeddings, epoch)
-    tracking.log_metrics_from(params, run_id, epoch, evaluation, "test", state)
-    return embeddings
+def _to_compute(output: Path, epoch: int, resume: int) -> bool:
+    """Whether an output of ``epoch`` still has to be computed. Outputs of epochs before
+    the resume point were computed from checkpoints that are gone: they must exist."""
+    if output.exists():
+        return False
+    if epoch < resume:
+        raise ConfigError(
+            f"{output} is missing but the run already continued past epoch {epoch}: the run folder "
+            f"was changed by hand; rerun with --fresh to start it over"
+        )
+    return True
+
+
+def _evaluate(
+    params: Params, layout: RunLayout, run_id: str, checkpoint: str, epoch: int, learners: int, resume: int
+) -> None:
+    if _to_compute(layout.evaluation(epoch), epoch, resume):
+        slices = test_slices(params.eval, learners, params.cluster.num_learners)
+        embeddings = training.embed(str(layout.root), checkpoint, "test", epoch, slices)
+        training.evaluate(str(layout.root), embeddings, epoch)
+    tracking.log_metrics_from(params, run_id, epoch, str(layout.evaluation(epoch)), "test", str(layout.tracking_state))
+
+
+def _log_resume(layout: RunLayout, resume: int | None, versions: list[dict[str, Any]]) -> None:
+    if resume is None:
+        return
+    logger = get_run_logger()
+    message = f"{layout.root.name}: continuing from the checkpoint of epoch {resume}"
+    if len(versions) > 1 and versions[-1]["from_epoch"] == resume:
+        before, now = versions[-2], versions[-1]
+        logger.warning(
+            "%s; the code changed since the run started (source %s -> %s, commit %s -> %s): epochs from %d on "
+            "use the new code, earlier ones are kept (%s). Pass --fresh to recompute everything with the new code.",
+            message,
+            before["source_digest"],
+            now["source_digest"],
+            before["git_commit"],
+            now["git_commit"],
+            resume,
+            layout.code_versions.name,
+        )
+    else:
+        logger.info(message)
 
 
 def _prefixed(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:

@@ -40,12 +40,14 @@ def sweep(
     seeds: list[int] | None = None,
     concurrent: bool | None = None,
     prune: bool = True,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Run every (K, seed) and compare them; defaults come from the ``sweep`` section.
 
     With ``prune``, run folders under ``<out_dir>/runs`` that belong to other params are
     removed at the end (they stay in DVC's cache and MLflow), so DVC versions only the
-    current sweep.
+    current sweep. With ``fresh`` every run starts over instead of continuing from its
+    newest checkpoint.
     """
     points = sweep_points_of(params_path, num_learners, seeds)
     params = preflight(params_path, points, out_dir)  # every error before any training starts
@@ -54,7 +56,7 @@ def sweep(
 
     def one(point: tuple[int, int]) -> dict[str, Any]:
         k, seed = point
-        return divide_and_conquer(params_path, k, seed, out_dir, parent_id)
+        return divide_and_conquer(params_path, k, seed, out_dir, parent_id, fresh)
 
     try:
         if concurrent if concurrent is not None else params.sweep.concurrent:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 
@@ -20,6 +19,28 @@ class RunLayout:
 
     def checkpoint(self, epoch: int) -> Path:
         return self.root / "checkpoints" / f"epoch-{epoch:04d}.pt"
+
+    def checkpoints(self) -> dict[int, Path]:
+        """Epoch → checkpoint file, for the checkpoints on disk (complete: written atomically)."""
+        return _by_epoch(self.root / "checkpoints", "epoch-*.pt")
+
+    def latest_checkpoint_epoch(self) -> int | None:
+        """The epoch a rerun continues from: the newest checkpoint, None before any."""
+        return max(self.checkpoints(), default=None)
+
+    def embedding_files(self, split: str) -> dict[int, Path]:
+        return _by_epoch(self.root / "embeddings", f"{split}-epoch-*.parquet")
+
+    def divisions(self) -> dict[int, Path]:
+        return _by_epoch(self.root / "divisions", "division-epoch-*.parquet")
+
+    def evaluations(self) -> dict[int, Path]:
+        return _by_epoch(self.root / "history", "eval-epoch-*.json")
+
+    @property
+    def code_versions(self) -> Path:
+        """Which code (git commit, source digest) computed which epochs of the run."""
+        return self.root / "code_versions.json"
 
     def embeddings(self, split: str, epoch: int) -> Path:
         return self.root / "embeddings" / f"{split}-epoch-{epoch:04d}.parquet"
@@ -48,29 +69,38 @@ class RunLayout:
         return self.root / "plots"
 
 
+# Keys that do not change what a run computes: they are left out of the run's key, so
+# changing them continues the same run. (``data.num_workers`` does not: every image's
+# augmentation is seeded on its own, see dcml.train.EpochBatchSampler.)
+NOT_RESULT_KEYS = ("tracking", "sweep", "train.keep_checkpoints", "data.num_workers")
+
+
 def params_digest(params_dict: dict) -> str:
-    """Short stable hash of what a run computes: its params and the code that computes it.
+    """Short stable hash of what a run computes: the params that change its results.
 
-    Changed params or changed code get a fresh run folder, so resuming never mixes in
-    results of other settings (DVC reruns the stage on a code change; this makes the
-    tasks recompute too). ``tracking`` and ``sweep`` do not change a run's results and
-    are left out: a sweep with another K list reuses the runs it shares with the last.
+    The code is deliberately not part of it: a rerun after a code fix continues from
+    the run's last checkpoint (``--fresh`` starts over); the code version of each part of
+    the run is recorded (``tasks.provenance``). DVC decides *whether* the stage reruns
+    (its deps include the code), the run folder decides *from where*.
     """
-    relevant = {k: v for k, v in params_dict.items() if k not in ("tracking", "sweep")}
-    text = json.dumps(relevant, sort_keys=True) + code_digest()
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
+    relevant = json.loads(json.dumps(params_dict))  # a deep copy
+    for key in NOT_RESULT_KEYS:
+        *parents, leaf = key.split(".")
+        node = relevant
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 
-@lru_cache(maxsize=1)
-def code_digest() -> str:
-    """sha256 of the Python sources of ``dcml``, ``tasks`` and ``flows``."""
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for package in ("dcml", "tasks", "flows"):
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
+def _by_epoch(folder: Path, pattern: str) -> dict[int, Path]:
+    """Files named ``<prefix>-epoch-NNNN.<ext>`` (or ``epoch-NNNN.pt``) by their epoch."""
+    files = {}
+    for path in folder.glob(pattern) if folder.is_dir() else []:
+        number = path.name.split(".")[0].rsplit("-", 1)[-1]
+        if number.isdigit():
+            files[int(number)] = path
+    return files
 
 
 def run_name(num_learners: int, seed: int) -> str:

@@ -37,6 +37,15 @@ def write_run_params(params: Params, layout: RunLayout) -> Path:
     return write_text_atomic(layout.params, text)
 
 
+def reset_run(layout: RunLayout) -> None:
+    """Start a run over (``--fresh``): delete its folder and its MLflow state file."""
+    import shutil
+
+    if layout.root.exists():
+        shutil.rmtree(layout.root)
+    layout.tracking_state.unlink(missing_ok=True)
+
+
 def ensure_writable(folder: Path) -> None:
     """Fail unless ``folder`` exists writable or can be created; creates nothing."""
     existing = Path(folder).absolute()

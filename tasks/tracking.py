@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dcml.config import Params, flatten
 from dcml.trainer import Trainer
-from tasks import io
+from tasks import io, provenance
 
 PIP_REQUIREMENTS = ["torch>=2.4", "torchvision>=0.19", "numpy>=1.26"]
 
@@ -51,14 +50,6 @@ def experiment_id(params: Params) -> str:
     return mlflow_client.create_experiment(name, artifact_location=location)
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def dataset_version(data_root: str) -> str:
     """The DVC hash of the dataset folder, read from the ``.dvc`` file that tracks it."""
     root = Path(data_root).resolve()
@@ -70,6 +61,17 @@ def dataset_version(data_root: str) -> str:
             if (dvc_file.parent / out.get("path", "")).resolve() == root:
                 return str(out.get("md5", "unknown"))
     return "untracked"
+
+
+def code_tags() -> dict[str, str]:
+    """The current code version as tags: MLflow's standard source tag and dcml's digest
+    (``<run>/code_versions.json``, logged as ``history/code``, has the run's history)."""
+    version = provenance.code_version()
+    return {
+        "git_commit": version["git_commit"],
+        "mlflow.source.git.commit": version["git_commit"].removesuffix("+dirty"),
+        "dcml.source_digest": version["source_digest"],
+    }
 
 
 def _state_matches(state: dict[str, Any], params: Params, parent_run_id: str | None) -> bool:
@@ -112,17 +114,20 @@ def start_run(params: Params, run_name: str, state_file: str, parent_run_id: str
     if state and _state_matches(state, params, parent_run_id) and _run_exists(mlflow_client, state["run_id"]):
         run_id = state["run_id"]
         mlflow_client.update_run(run_id, status="RUNNING")
+        for key, value in code_tags().items():  # the code that continues the run
+            mlflow_client.set_tag(run_id, key, value)
     else:
         tags = {
             "mlflow.runName": run_name,
-            "git_commit": git_commit(),
             "dataset": params.data.dataset,
             "dataset_version": dataset_version(params.data.root),
             "num_learners": str(params.cluster.num_learners),
         }
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run_id = mlflow_client.create_run(experiment_id(params), run_name=run_name, tags=tags).info.run_id
+        run_id = mlflow_client.create_run(
+            experiment_id(params), run_name=run_name, tags={**tags, **code_tags()}
+        ).info.run_id
         state = {
             "run_id": run_id,
             "tracking_uri": params.tracking.mlflow_uri,
@@ -213,7 +218,7 @@ def log_model(params: Params, run_id: str, checkpoint: str, state_file: str) -> 
     with a signature and explicit pip requirements (inference of requirements is slow)."""
     if _is_done(state_file, "model"):
         return
-    model = Trainer.from_checkpoint(checkpoint, device=torch.device("cpu")).model.eval()
+    model = Trainer.for_inference(checkpoint, device=torch.device("cpu")).model.eval()
     size = params.data.image_size
     example = np.zeros((2, 3, size, size), dtype=np.float32)
     with torch.no_grad():

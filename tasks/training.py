@@ -12,14 +12,20 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dcml.clustering import kmeans_seed
+from dcml.config import Params
 from dcml.division import all_data, divide
 from dcml.evaluate import evaluate_embeddings
 from dcml.schedule import Segment
 from dcml.trainer import Trainer
-from tasks import io
+from tasks import io, retention
 from tasks.layout import RunLayout
 from tasks.progress import bar
 from tasks.runs import bundle_for, device_for, run_params
+
+
+def _prune(layout: RunLayout, params: Params) -> None:
+    """Delete what the run no longer needs (see tasks.retention) once an output is written."""
+    retention.prune(layout, params.train.keep_checkpoints, params.train.epochs)
 
 
 @task(name="init-model", task_run_name="init-model", cache_policy=NO_CACHE)
@@ -43,7 +49,7 @@ def embed(run_dir: str, checkpoint: str, split: str, epoch: int, num_learners: i
         return str(path)
     params = run_params(layout)
     bundle = bundle_for(params)
-    trainer = Trainer.from_checkpoint(checkpoint, device_for(params))
+    trainer = Trainer.for_inference(checkpoint, device_for(params))
     dataset = bundle.train_eval if split == "train" else bundle.test
     features = split == "train" and params.cluster.space == "backbone"
     embeddings, labels, indices = trainer.embed(
@@ -84,6 +90,7 @@ def cluster(
         previous=before.assignment if keep_previous else None,
     )
     io.write_division(path, division, labels, epoch=epoch, division_index=division_index)
+    _prune(layout, params)  # the train embeddings are consumed
     return str(path)
 
 
@@ -105,6 +112,7 @@ def train(run_dir: str, checkpoint: str, division: str | None, segment: Segment)
         )
         io.write_json(layout.epoch_stats(start), {**stats.as_dict(), "mode": segment.mode})
     trainer.save(path)
+    _prune(layout, params)  # older checkpoints are consumed
     return str(path)
 
 
@@ -117,6 +125,10 @@ def evaluate(run_dir: str, embeddings: str, epoch: int) -> str:
         return str(path)
     params = run_params(layout)
     vectors, labels, _, meta = io.read_embeddings(embeddings)
-    metrics = evaluate_embeddings(vectors, labels, bundle_for(params).splits, params.eval, seed=params.seed)
+    final = epoch == params.train.epochs
+    metrics = evaluate_embeddings(
+        vectors, labels, bundle_for(params).splits, params.eval, seed=params.seed, final=final
+    )
     io.write_json(path, {"epoch": epoch, **metrics, "num_slices": meta["num_learners"]})
+    _prune(layout, params)  # older test embeddings are consumed
     return str(path)

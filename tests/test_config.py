@@ -55,6 +55,12 @@ def test_params_are_frozen():
         (lambda r: r["cluster"].update(finetune_from_epoch=99), "epoch boundaries"),
         (lambda r: r["sweep"].update(num_learners=[1, 5]), "sweep.num_learners: 5"),
         (lambda r: r.update(preset="paper-nothing"), "preset: unknown preset"),
+        (lambda r: r["data"].update(num_workers="many"), "data.num_workers: 'many' is not an integer or 'auto'"),
+        (lambda r: r["data"].update(num_workers=-1), "data.num_workers must be >= 0 or auto"),
+        (lambda r: r["eval"].update(nmi="sometimes"), "eval.nmi: 'sometimes' is not one of"),
+        (lambda r: r["eval"].update(nmi=1), "eval.nmi: 1 is not one of"),
+        (lambda r: r["train"].update(keep_checkpoints=0), "train.keep_checkpoints must be >= 1"),
+        (lambda r: r["train"].update(deterministic=True, cudnn_benchmark=True), "exclude each other"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, mutate, message):
@@ -114,3 +120,21 @@ def test_sweep_copies_with_replace_and_validate():
     assert params.cluster.num_learners != 1 or params.seed != 7
     with pytest.raises(ConfigError):
         with_num_learners(params, 3)  # does not divide the embedding
+
+
+@pytest.mark.parametrize(("key", "value"), [("num_workers", "auto"), ("num_workers", 3)])
+def test_num_workers_is_an_integer_or_auto(tmp_path, key, value):
+    raw = raw_params()
+    raw["data"][key] = value
+    assert load_params(write(tmp_path, raw)).data.num_workers == value
+
+
+def test_every_preset_loads_with_gpu_settings_and_a_sparse_evaluation_cadence(tmp_path):
+    from dcml.config import available_presets
+
+    for name in available_presets():
+        raw = raw_params()
+        raw["preset"] = name
+        params = load_params(write(tmp_path, raw))
+        assert params.train.bf16 and params.train.channels_last and params.train.tf32, name
+        assert params.data.num_workers == "auto" and params.eval.every_epochs >= 5, name

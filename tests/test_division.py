@@ -9,7 +9,7 @@ from dcml.config import ClusterConfig
 from dcml.data import build_bundle, load_splits
 from dcml.division import all_data, divide
 from dcml.fit import next_division
-from dcml.schedule import Segment
+from dcml.schedule import Segment, Step
 from dcml.trainer import Trainer
 
 
@@ -57,11 +57,11 @@ def test_cluster_space_embedding_or_backbone(tiny_params, monkeypatch):
         return all_data(len(labels))
 
     monkeypatch.setattr("dcml.fit.divide", spy)
-    segment = Segment(0, 1, "divide", True, 4)
+    step = Step(Segment(0, 1, "divide", True, 4), "new", 0, evaluate=True)
     for space, expected_dim in [("embedding", tiny_params.model.embedding_dim), ("backbone", None)]:
         params = dataclasses.replace(tiny_params, cluster=dataclasses.replace(tiny_params.cluster, space=space))
         trainer = Trainer.create(params, bundle.splits.train.num_classes, torch.device("cpu"))
-        next_division(trainer, bundle, segment, None, 0)
+        next_division(trainer, bundle, step, None)
         if expected_dim is None:
             assert seen["dim"] == trainer.model.embedding.in_features != tiny_params.model.embedding_dim
         else:

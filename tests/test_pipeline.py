@@ -19,6 +19,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 
 from dcml.config import to_dict
 from tasks import io
+from tasks.layout import RunLayout
 from tests.conftest import REPO_ROOT, shrink
 
 
@@ -115,7 +116,7 @@ def test_mlflow_parent_run_with_one_child_per_k(sweep_result):
     k4 = children["K4-seed0"]
     assert k4.info.status == "FINISHED"
     assert k4.data.params["cluster.num_learners"] == "4" and k4.data.params["train.epochs"] == "3"
-    assert {"git_commit", "dataset_version"} <= k4.data.tags.keys()
+    assert {"git_commit", "dataset_version", "dcml.source_digest", "mlflow.source.git.commit"} <= k4.data.tags.keys()
     recall = client.get_metric_history(k4.info.run_id, "test/recall_at_1")
     assert [m.step for m in recall] == [0, 1, 2, 3]
     assert len(client.get_metric_history(k4.info.run_id, "train/images_per_second")) == 3
@@ -131,25 +132,33 @@ def test_mlflow_parent_run_with_one_child_per_k(sweep_result):
     assert len(models) >= 2
 
 
-def test_rerun_after_a_crash_resumes_from_the_last_completed_task(sweep_result):
+def test_finished_run_keeps_one_checkpoint_and_the_final_embeddings(sweep_result):
+    """Retention (tasks/retention.py) with the default train.keep_checkpoints: 1."""
+    for run in sweep_result["result"]["runs"].values():
+        layout = RunLayout(Path(run))
+        assert list(layout.checkpoints()) == [3]  # the final one; epochs 0-2 were deleted once consumed
+        assert list(layout.embedding_files("test")) == [3]
+        assert not layout.embedding_files("train")  # consumed by clustering
+        assert sorted(layout.evaluations()) == [0, 1, 2, 3]  # small files stay
+    k4 = RunLayout(Path(sweep_result["result"]["runs"]["K4-seed0"]))
+    assert sorted(k4.divisions()) == [0, 1]
+
+
+def test_rerun_after_a_crash_between_training_and_evaluation_resumes(sweep_result):
     from flows.divide_and_conquer import divide_and_conquer
 
     k4 = Path(sweep_result["result"]["runs"]["K4-seed0"])
     before = io.read_json(k4 / "metrics.json")
-    kept = k4 / "checkpoints" / "epoch-0002.pt"
+    kept = k4 / "checkpoints" / "epoch-0003.pt"
     kept_mtime = kept.stat().st_mtime_ns
-    # a crash during the last segment: its checkpoint, evaluation and report never appeared
-    for path in [
-        k4 / "checkpoints" / "epoch-0003.pt",
-        k4 / "embeddings" / "test-epoch-0003.parquet",
-        k4 / "history" / "eval-epoch-0003.json",
-        k4 / "metrics.json",
-    ]:
+    # a crash after the last checkpoint was written: evaluation and report never appeared
+    for path in [k4 / "embeddings" / "test-epoch-0003.parquet", k4 / "history" / "eval-epoch-0003.json"]:
         path.unlink()
+    (k4 / "metrics.json").unlink()
     shutil.rmtree(k4 / "plots")
     result = divide_and_conquer(str(sweep_result["params_path"]), 4, 0, str(sweep_result["folder"] / "outputs"))
     assert kept.stat().st_mtime_ns == kept_mtime  # finished work is not redone
-    assert result["recall@1"] == before["recall@1"]
+    assert result["recall@1"] == before["recall@1"] and result["nmi"] == before["nmi"]
     assert (k4 / "plots" / "retrieval_grid.png").exists()
 
 

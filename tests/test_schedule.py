@@ -90,3 +90,39 @@ def test_plan_from_params_uses_the_evaluation_cadence():
             {*range(every, params.train.epochs + 1, every), *range(2, params.train.epochs + 1, 2), params.train.epochs}
         )
         assert ends == expected
+
+
+def test_steps_evaluate_at_the_cadence_and_say_where_batches_come_from():
+    from dcml.schedule import steps
+
+    segments = plan(
+        epochs=20, num_learners=8, recluster_every=2, divide_until_epoch=8, finetune_from_epoch=14, evaluate_every=10
+    )
+    result = steps(segments, epochs=20, evaluate_every=10)
+    assert [s.segment.end_epoch for s in result if s.evaluate] == [10, 20]
+    assert [s.division for s in result] == ["new"] * 7 + ["all"] * 3
+    assert [s.division_index for s in result] == [0, 1, 2, 3, 4, 5, 6, -1, -1, -1]
+
+
+def test_steps_keep_the_division_between_reclusterings():
+    from dcml.schedule import steps
+
+    # T=4 with evaluation every 2 epochs: the second half of each period reuses its division
+    segments = plan(
+        epochs=8, num_learners=2, recluster_every=4, divide_until_epoch=8, finetune_from_epoch=8, evaluate_every=2
+    )
+    result = steps(segments, epochs=8, evaluate_every=2)
+    assert [(s.segment.start_epoch, s.division, s.division_index) for s in result] == [
+        (0, "new", 0),
+        (2, "previous", 0),
+        (4, "new", 1),
+        (6, "previous", 1),
+    ]
+    assert all(s.evaluate for s in result)
+
+
+def test_the_last_epoch_is_always_evaluated():
+    from dcml.schedule import evaluates_at
+
+    assert [e for e in range(0, 23) if evaluates_at(e, 23, 10)] == [0, 10, 20]
+    assert evaluates_at(23, 23, 10)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from dcml.checkpoint import load_checkpoint
+from dcml.checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rng_states
 from dcml.data import build_bundle, load_splits
 from dcml.data.samplers import ClassBalancedBatchSampler
 from dcml.division import all_data, divide
 from dcml.schedule import Segment, plan_from_params
-from dcml.train import NonFiniteLossError
+from dcml.train import NonFiniteLossError, item_seed
 from dcml.trainer import Trainer, epoch_seed
 
 CPU = torch.device("cpu")
@@ -56,7 +56,9 @@ def test_k1_reproduces_the_plain_baseline(tiny_params, bundle):
         )
         sampler.set_epoch(epoch)
         plain.model.train()
-        loader = torch.utils.data.DataLoader(bundle.train, batch_sampler=list(sampler))
+        # each image's augmentation is seeded by (epoch seed, step, position)
+        seeded = [[(i, item_seed(seed, step, pos)) for pos, i in enumerate(b)] for step, b in enumerate(sampler)]
+        loader = torch.utils.data.DataLoader(bundle.train, batch_sampler=seeded, generator=torch.Generator())
         for images, batch_labels, _ in loader:
             loss = plain.loss(plain.model(images), batch_labels, generator=generator)
             plain.optimizer.zero_grad()
@@ -145,3 +147,74 @@ def test_learnable_beta_is_optimised_by_the_trainer(tiny_params, bundle):
         all_data(len(bundle.splits.train)),
     )
     assert any(not torch.equal(b, a) for b, a in zip(before, trainer.loss.parameters(), strict=True))
+
+
+def test_resume_loads_onto_the_cpu_first_and_keeps_adams_step_counters_there(tmp_path, tiny_params, bundle):
+    labels = bundle.splits.train.labels
+    trainer = Trainer.create(tiny_params, bundle.splits.train.num_classes, CPU)
+    trainer.train_segment(Segment(0, 1, "finetune", False, 1), bundle.train, labels, all_data(len(labels)))
+    path = trainer.save(tmp_path / "epoch-1.pt")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resumed = Trainer.from_checkpoint(path, device)
+    states = list(resumed.optimizer.state.values())
+    assert states and all(state["step"].device.type == "cpu" for state in states)
+    assert all(state["exp_avg"].device.type == device.type for state in states)
+
+
+def test_model_only_load_embeds_like_the_full_trainer_and_cannot_train(tmp_path, tiny_params, bundle):
+    trainer = Trainer.create(tiny_params, bundle.splits.train.num_classes, CPU)
+    path = trainer.save(tmp_path / "epoch-0.pt")
+    inference = Trainer.for_inference(path, CPU)
+    assert inference.optimizer is None and inference.loss is None
+    full, _, _ = trainer.embed(bundle.test, num_learners=4)
+    only, _, _ = inference.embed(bundle.test, num_learners=4)
+    np.testing.assert_array_equal(full, only)
+    with pytest.raises(RuntimeError, match="inference"):
+        inference.train_segment(
+            Segment(0, 1, "finetune", False, 1), bundle.train, bundle.splits.train.labels, all_data(len(only))
+        )
+
+
+def test_cpu_checkpoints_hold_no_cuda_rng_state_and_old_multi_gpu_states_restore(tiny_params):
+    states = rng_states(CPU)
+    assert set(states) == {"torch"}
+    assert not torch.cuda.is_initialized()
+    # a checkpoint saved on a machine with 4 GPUs (the former format: every GPU's state)
+    legacy = {"torch": torch.get_rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 4}
+    restore_rng_states(legacy, CPU)
+    if torch.cuda.is_available():  # fewer GPUs visible than saved: the current device's state is used
+        restore_rng_states(legacy | {"cuda": legacy["cuda"][:1] * 4}, torch.device("cuda"))
+
+
+def test_unreadable_checkpoints_are_named(tmp_path, tiny_params, bundle):
+    trainer = Trainer.create(tiny_params, bundle.splits.train.num_classes, CPU)
+    good = trainer.save(tmp_path / "good.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    for path, message in [(truncated, "not a readable dcml checkpoint"), (other, "not a dcml checkpoint")]:
+        with pytest.raises(CheckpointError, match=message) as error:
+            Trainer.from_checkpoint(path, CPU)
+        assert str(path) in str(error.value)
+
+
+def test_results_do_not_depend_on_the_number_of_loader_workers(tiny_params, bundle):
+    """Each image's augmentation has its own seed: 0 or 2 worker processes train alike."""
+    labels = bundle.splits.train.labels
+    trained = []
+    for workers in (0, 2):
+        params = dataclasses.replace(tiny_params, data=dataclasses.replace(tiny_params.data, num_workers=workers))
+        trainer = Trainer.create(params, bundle.splits.train.num_classes, CPU)
+        trainer.train_segment(Segment(0, 2, "finetune", False, 1), bundle.train, labels, all_data(len(labels)))
+        trained.append(weights(trainer))
+    assert_same_weights(*trained)
+
+
+def test_auto_workers_follow_the_cpu_count():
+    from dcml.device import available_cpus, resolve_num_workers
+
+    cpus = available_cpus()
+    assert resolve_num_workers(3, CPU) == 3
+    assert resolve_num_workers("auto", CPU) == cpus // 4
+    assert resolve_num_workers("auto", torch.device("cuda")) == max(1, min(16, cpus - 1))

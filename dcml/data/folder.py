@@ -174,6 +174,16 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        """``key`` is an index, or ``(index, seed)``: then the random transforms draw from
+        torch's generator seeded with ``seed`` (the caller's generator is left as it was),
+        so an image's augmentation does not depend on which process loads it."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image = load_image(self.records.paths[index])
-        return self.transform(image), int(self.records.labels[index]), int(index)
+        if seed is None:
+            tensor = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                tensor = self.transform(image)
+        return tensor, int(self.records.labels[index]), int(index)
