@@ -1,131 +1,87 @@
-"""Training-step throughput: our loop (dcml.train.train_epoch) vs a bare torch loop.
+"""Training-step throughput: our loop (resumed Trainer.train_segment) vs a bare torch loop.
 
-Both run the same model, input size, batch size, loss and optimiser on synthetic tensors
-already in memory, so the difference is the loop's own overhead (batch bookkeeping,
-learner slicing, NaN checks, DataLoader over an in-memory dataset).
+Our loop runs as the pipeline runs it: ``Trainer.create`` trains a short warm-up epoch,
+is saved with ``Trainer.save`` and restored with ``Trainer.from_checkpoint(path, device)``
+(so Adam's state comes from a checkpoint, as in every task after the first), then
+``train_segment`` trains the timed epoch over an in-memory dataset through our
+DataLoader (collation, pinning on CUDA, ``data.num_workers``). The bare loop steps the
+same model, loss and optimiser (``Trainer.create``, same params) over batches that are
+already on the device, prepared before the clock starts. Both use the paper presets'
+frozen BatchNorm for ResNets (``model.freeze_bn``; it needs ``model.pretrained`` != none,
+so a randomly initialised backbone is saved to a local .pth and used as "pretrained").
+The trainer that trained the warm-up epoch is also timed on the same epoch without the
+checkpoint round trip (``dcml_continuing_images_per_s``): the resume cost is the gap.
 
-    python bench/bench_train_step.py --backbone small_cnn --image-size 64 --batch-size 32
-    python bench/bench_train_step.py --backbone resnet50 --image-size 224 --batch-size 80 \
-        --bf16 --channels-last
+    .venv/bin/python bench/bench_train_step.py --backbone small_cnn --image-size 64 --batch-size 32
+    .venv/bin/python bench/bench_train_step.py --backbone resnet50 --image-size 224 --batch-size 80 \
+        --bf16 --channels-last --cudnn-benchmark --tf32 --sync-steps 10
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
-import torch
-from torch.utils.data import TensorDataset
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    RunConfig,
+    backend_switches,
+    parse_workers,
+    resolve_freeze_bn,
+    temp_folder,
+    train_step_bench,
+)
 
-from dcml.config import LossConfig, ModelConfig, TrainConfig
-from dcml.device import resolve_device
-from dcml.losses import build_loss
-from dcml.model import Embedder
-from dcml.train import build_optimizer, train_epoch
-
-
-class IndexedTensors(TensorDataset):
-    """(image, label, index) like dcml's ImageDataset, from tensors in memory."""
-
-    def __getitem__(self, index):
-        image, label = super().__getitem__(index)
-        return image, label, index
+from dcml.device import resolve_device  # noqa: E402
 
 
-def setup(args, device):
-    model_config = ModelConfig(backbone=args.backbone, pretrained="none", embedding_dim=128, freeze_bn=False)
-    model = Embedder(model_config, num_learners_init=args.num_learners).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss = build_loss(LossConfig(), num_classes=args.batch_size // 4).to(device)
-    optimizer = build_optimizer(model, loss, TrainConfig(lr_backbone=1e-5, lr_embedding=1e-5), 5e-4)
-    return model, loss, optimizer
-
-
-def data(args):
-    n = args.batch_size * args.steps
-    images = torch.randn(n, 3, args.image_size, args.image_size)
-    labels = torch.arange(n) // 4 % (args.batch_size // 4)  # P classes x 4 images per batch
-    return images, labels
-
-
-def bench_ours(args, device) -> float:
-    model, loss, optimizer = setup(args, device)
-    images, labels = data(args)
-    dataset = IndexedTensors(images, labels)
-    batches = [
-        (step % args.num_learners, list(range(step * args.batch_size, (step + 1) * args.batch_size)))
-        for step in range(args.steps)
-    ]
-    kwargs = dict(
-        epoch=0,
-        num_learners=args.num_learners,
-        device=device,
-        bf16=args.bf16,
-        channels_last=args.channels_last,
-    )
-    train_epoch(model, loss, optimizer, dataset, batches[: args.warmup], **kwargs)
-    _sync(device)
-    stats = train_epoch(model, loss, optimizer, dataset, batches, **kwargs)
-    return stats.images_per_second
-
-
-def bench_bare(args, device) -> float:
-    model, loss, optimizer = setup(args, device)
-    images, labels = data(args)
-    images, labels = images.to(device), labels.to(device)
-    if args.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    model.train()
-
-    def step(i):
-        batch = slice(i * args.batch_size, (i + 1) * args.batch_size)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
-            embeddings = model(images[batch], num_learners=args.num_learners, learner=i % args.num_learners)
-        value = loss(embeddings.float(), labels[batch])
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-
-    for i in range(args.warmup):
-        step(i)
-    _sync(device)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        step(i)
-    _sync(device)
-    return args.steps * args.batch_size / (time.perf_counter() - start)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="small_cnn", choices=["small_cnn", "resnet18", "resnet34", "resnet50"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--num-learners", type=int, default=4)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=20, help="timed batches (rounded up to a multiple of K)")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up batches (epoch 0, before the checkpoint)")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; medians are reported")
+    parser.add_argument("--num-learners", type=int, default=4, help="K; 1 = full embedding (finetune)")
+    parser.add_argument("--num-workers", type=parse_workers, default=0, help="data.num_workers of our loop")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--freeze-bn", default="auto", choices=["auto", "true", "false"], help="auto: ResNets")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="train.cudnn_benchmark (CUDA)")
+    parser.add_argument("--tf32", action="store_true", help="train.tf32 (CUDA)")
+    parser.add_argument("--sync-steps", type=int, default=0, help="CUDA: count host syncs over N more steps")
+    parser.add_argument("--no-continuing", action="store_true", help="skip timing the non-resumed trainer")
+    args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    torch.manual_seed(0)
-    bare = bench_bare(args, device)
-    ours = bench_ours(args, device)
-    report = {
-        **{k: v for k, v in vars(args).items()},
-        "device": str(device),
-        "bare_images_per_s": round(bare, 1),
-        "dcml_images_per_s": round(ours, 1),
-        "overhead_percent": round(100 * (bare - ours) / bare, 1),
-    }
+    config = RunConfig(
+        backbone=args.backbone,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_learners=args.num_learners,
+        num_workers=args.num_workers,
+        bf16=args.bf16,
+        channels_last=args.channels_last,
+        cudnn_benchmark=args.cudnn_benchmark,
+        tf32=args.tf32,
+        freeze_bn=resolve_freeze_bn(args.freeze_bn, args.backbone),
+    )
+    with temp_folder() as folder:
+        result = train_step_bench(
+            config,
+            device,
+            steps=args.steps,
+            warmup=args.warmup,
+            folder=folder,
+            repeats=args.repeats,
+            continuing=not args.no_continuing,
+            sync_steps=args.sync_steps,
+        )
+    report = {**vars(args), "device": str(device), "freeze_bn": config.freeze_bn}
+    report |= {"backend_switches": backend_switches(), **result}
     print(json.dumps(report, indent=2))
 
 
