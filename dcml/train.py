@@ -163,9 +163,10 @@ def train_epoch(
         progress(zip(batches, loader, strict=True), len(batches))
     ):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
-        labels = labels.to(device, non_blocking=True)
         with autocast:
             embeddings = model(images, num_learners=num_learners, learner=learner)
+        # labels stay on the CPU: the loss derives the batch's pair structure there, so
+        # nothing in the step waits for the GPU (dcml.losses.sampling)
         loss = loss_fn(embeddings.float(), labels, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcml.losses.sampling import SAMPLERS, Sampler, triplet_distances
+from dcml.losses.sampling import SAMPLERS, Sampler, to_device, triplet_distances
 
 BetaMode = Literal["fixed", "global", "per_class"]
 
@@ -59,26 +59,31 @@ class MarginLoss(nn.Module):
         else:
             raise ValueError(f"unknown beta_mode {beta_mode!r}; choose fixed, global or per_class")
 
-    def beta_for(self, anchor_labels: torch.Tensor) -> torch.Tensor:
-        """(T,) beta used for each triplet (the anchor's class beta for ``per_class``)."""
+    def beta_for(self, labels: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """(T,) beta used for each triplet (the anchor's class beta for ``per_class``).
+
+        ``labels`` (B,) may live on the CPU (the check below then costs no host sync),
+        ``anchors`` (T,) on the embeddings' device.
+        """
         if self.beta_mode != "per_class":
-            return self.beta.expand(len(anchor_labels))
-        if len(anchor_labels) and int(anchor_labels.max()) >= len(self.beta):
+            return self.beta.expand(len(anchors))
+        if len(labels) and int(labels.max()) >= len(self.beta):
             raise ValueError(
-                f"label {int(anchor_labels.max())} >= num_classes ({len(self.beta)}); per-class "
+                f"label {int(labels.max())} >= num_classes ({len(self.beta)}); per-class "
                 "beta needs the training split's global labels"
             )
-        return self.beta[anchor_labels]
+        return self.beta[to_device(labels, self.beta.device)[anchors]]
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """embeddings (B, D) unit-norm, labels (B,) int64 -> scalar loss."""
+        """embeddings (B, D) unit-norm, labels (B,) int64 -> scalar loss. ``labels`` may
+        stay on the CPU (as the training loop passes them): see ``dcml.losses.sampling``."""
         embeddings = embeddings.float()  # distances in fp32 also under bf16 autocast
         anchors, positives, negatives = self.sampler(
             embeddings, labels, generator, self.cutoff, self.nonzero_loss_cutoff
         )
-        beta = self.beta_for(labels[anchors])
+        beta = self.beta_for(labels, anchors)
         d_ap = triplet_distances(embeddings, anchors, positives)
         d_an = triplet_distances(embeddings, anchors, negatives)
         pos_loss, neg_loss = margin_terms(d_ap, d_an, beta, self.margin)

@@ -5,6 +5,12 @@ to ``(anchor_idx, positive_idx, negative_idx)``, three int64 tensors of equal le
 Every ordered positive pair ``(a, p)`` (a != p, same label) is one triplet, so an anchor
 gets exactly as many negatives as it has positives. Anchors without any negative in the
 batch (single-class batch) produce no triplets.
+
+Host syncs: everything whose *size* depends on the labels (pairs, counts, which anchors
+draw with replacement) is computed where the labels live. The training loop passes the
+batch's labels on the CPU, so on a GPU the samplers only launch kernels and copy small
+index tensors from pinned memory — no device-to-host synchronisation per step. Returned
+indices live on the embeddings' device.
 """
 
 from __future__ import annotations
@@ -29,6 +35,15 @@ def triplet_distances(
 ) -> torch.Tensor:
     """(T,) Euclidean distances embeddings[anchors] - embeddings[others]; eps keeps sqrt differentiable."""
     return ((embeddings[anchors] - embeddings[others]).pow(2).sum(1) + eps).sqrt()
+
+
+def to_device(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without waiting for the device (pinned source)."""
+    if indices.device == device:
+        return indices
+    if device.type == "cuda" and indices.device.type == "cpu":
+        return indices.pin_memory().to(device, non_blocking=True)
+    return indices.to(device)
 
 
 def positive_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,7 +76,9 @@ def distance_weights(
     Log-weights are stabilised per anchor row (row max over valid negatives subtracted).
     Valid = different class and ``d < nonzero_loss_cutoff``. A row whose negatives all lie
     at or beyond ``nonzero_loss_cutoff`` falls back to uniform weights over its negatives,
-    so that anchor still gets negatives. Same-class entries always weigh 0.
+    so that anchor still gets negatives. Same-class entries always weigh 0, every negative
+    weighs at least the smallest positive float64 (so the number of candidates of an anchor
+    is its number of negatives, known from the labels alone).
 
     Negatives at or beyond ``nonzero_loss_cutoff`` keep a tiny weight (``FAR_WEIGHT``
     times the row's smallest valid weight): without replacement they are drawn only once
@@ -75,50 +92,46 @@ def distance_weights(
     weights = (logits - row_max).exp()
     smallest = weights.masked_fill(~valid, float("inf")).min(dim=1, keepdim=True).values
     weights = weights + torch.where(negatives & ~valid, FAR_WEIGHT * smallest, torch.zeros_like(weights))
-    return torch.where(valid.any(1, keepdim=True), weights, negatives.to(weights.dtype))
+    weights = torch.where(valid.any(1, keepdim=True), weights, negatives.to(weights.dtype))
+    return torch.where(negatives, weights.clamp(min=torch.finfo(weights.dtype).tiny), torch.zeros_like(weights))
 
 
 def draw_per_anchor(
-    weights: torch.Tensor, counts: torch.Tensor, generator: torch.Generator | None
+    weights: torch.Tensor, counts: torch.Tensor, support: torch.Tensor, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``counts[a]`` columns from row ``a`` of ``weights`` (B, B) for each anchor.
 
-    Without replacement when the row has at least ``counts[a]`` non-zero weights, with
-    replacement only otherwise. Rows without any non-zero weight draw nothing.
-    Returns (anchor_idx, negative_idx), int64, sorted by anchor.
+    ``support[a]`` is the number of non-zero weights of row ``a`` (its negatives);
+    ``counts`` and ``support`` may live on the CPU while ``weights`` is on the GPU.
+    Without replacement when the row has at least ``counts[a]`` candidates, with
+    replacement only otherwise. Rows without any candidate draw nothing.
+    Returns (anchor_idx, negative_idx) on ``weights``' device, int64, sorted by anchor.
     """
-    support = (weights > 0).sum(1)
+    device = weights.device
     anchors_out, negatives_out = [], []
     eligible = (counts > 0) & (support > 0)
     for count in counts[eligible].unique().tolist():
         for replacement in (False, True):
             rows = (eligible & (counts == count) & ((support < count) == replacement)).nonzero().flatten()
             if len(rows):
-                drawn = torch.multinomial(weights[rows], count, replacement=replacement, generator=generator)
-                anchors_out.append(rows[:, None].expand_as(drawn).flatten())
+                drawn = torch.multinomial(
+                    weights[to_device(rows, device)], count, replacement=replacement, generator=generator
+                )
+                anchors_out.append(rows.repeat_interleave(count))
                 negatives_out.append(drawn.flatten())
-    return _order_by_anchor(anchors_out, negatives_out, weights.device)
-
-
-def _order_by_anchor(
-    anchors: list[torch.Tensor], negatives: list[torch.Tensor], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if not anchors:
+    if not anchors_out:
         empty = torch.empty(0, dtype=torch.long, device=device)
         return empty, empty
-    anchor_idx, negative_idx = torch.cat(anchors), torch.cat(negatives)
-    order = torch.sort(anchor_idx, stable=True).indices
-    return anchor_idx[order], negative_idx[order]
+    anchor_idx = torch.cat(anchors_out)
+    order = torch.sort(anchor_idx, stable=True).indices  # where the counts live: no sync
+    return to_device(anchor_idx[order], device), torch.cat(negatives_out)[to_device(order, device)]
 
 
-def _pair_up(labels: torch.Tensor, anchor_neg: torch.Tensor, negative_idx: torch.Tensor) -> Triplets:
-    """Join sorted positive pairs with negatives sorted by anchor (same count per anchor)."""
+def _with_negatives(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positive pairs (sorted by anchor) whose anchor has a negative, and the negatives mask."""
     anchors, positives, negatives = positive_pairs(labels)
     has_negative = negatives.any(1)[anchors]
-    anchors, positives = anchors[has_negative], positives[has_negative]
-    if anchors.shape != anchor_neg.shape:  # shapes only: comparing the values would cost a host sync
-        raise RuntimeError("internal error: negatives do not match positive pairs one to one")
-    return anchors, positives, negative_idx
+    return anchors[has_negative], positives[has_negative], negatives
 
 
 @torch.no_grad()
@@ -136,12 +149,14 @@ def distance_weighted_negatives(
     replacement only if the anchor has fewer candidate negatives than positives).
     ``generator`` must live on the embeddings' device. Returns int64 (T,) x 3.
     """
-    anchors, _, negatives = positive_pairs(labels)
+    device = embeddings.device
+    anchors, positives, negatives = _with_negatives(labels)
     distances = pairwise_distances(embeddings.detach().float())
-    weights = distance_weights(distances, negatives, embeddings.shape[1], cutoff, nonzero_loss_cutoff)
+    negatives_on_device = to_device(negatives, device)
+    weights = distance_weights(distances, negatives_on_device, embeddings.shape[1], cutoff, nonzero_loss_cutoff)
     counts = torch.bincount(anchors, minlength=len(labels))
-    anchor_neg, negative_idx = draw_per_anchor(weights, counts, generator)
-    return _pair_up(labels, anchor_neg, negative_idx)
+    _, negative_idx = draw_per_anchor(weights, counts, negatives.sum(1), generator)
+    return to_device(anchors, device), to_device(positives, device), negative_idx
 
 
 @torch.no_grad()
@@ -159,19 +174,21 @@ def nearest_beyond_cutoff_negatives(
     positives (3 with 4 images per class); if fewer lie beyond ``cutoff``, the ones just
     below it fill up. An anchor with fewer negatives than positives reuses them cyclically.
     """
-    anchors, _, negatives = positive_pairs(labels)
+    device = embeddings.device
+    anchors, positives, negatives = _with_negatives(labels)
     distances = pairwise_distances(embeddings.detach().float())
     # beyond the cutoff: rank by distance; below it: after all of those, nearest-to-cutoff first
     below_key = distances.max() + 1 + (cutoff - distances)
     rank_key = torch.where(distances >= cutoff, distances, below_key)
-    rank_key = rank_key.masked_fill(~negatives, float("inf"))
+    rank_key = rank_key.masked_fill(~to_device(negatives, device), float("inf"))
     order = rank_key.argsort(dim=1)
     counts = torch.bincount(anchors, minlength=len(labels))
     num_negatives = negatives.sum(1)
     rows = ((counts > 0) & (num_negatives > 0)).nonzero().flatten()
     anchor_neg = rows.repeat_interleave(counts[rows])
-    negative_idx = order[anchor_neg, _rank_within_anchor(counts[rows]) % num_negatives[anchor_neg]]
-    return _pair_up(labels, anchor_neg, negative_idx)
+    rank = _rank_within_anchor(counts[rows]) % num_negatives[anchor_neg]
+    negative_idx = order[to_device(anchor_neg, device), to_device(rank, device)]
+    return to_device(anchors, device), to_device(positives, device), negative_idx
 
 
 def _rank_within_anchor(counts: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcml.losses.sampling import Triplets, pairwise_distances, positive_pairs, triplet_distances
+from dcml.losses.sampling import Triplets, pairwise_distances, positive_pairs, to_device, triplet_distances
 
 
 @torch.no_grad()
@@ -17,9 +17,11 @@ def semi_hard_negatives(embeddings: torch.Tensor, labels: torch.Tensor, margin: 
     is none, the hardest (nearest) negative of the anchor. Pairs whose anchor has no
     negative are dropped. embeddings (B, D), labels (B,) -> int64 (T,) x 3.
     """
-    anchors, positives, negatives = positive_pairs(labels)
+    device = embeddings.device
+    anchors, positives, negatives = positive_pairs(labels)  # where the labels live (CPU: no sync)
     keep = negatives.any(1)[anchors]
-    anchors, positives = anchors[keep], positives[keep]
+    anchors, positives = to_device(anchors[keep], device), to_device(positives[keep], device)
+    negatives = to_device(negatives, device)
     distances = pairwise_distances(embeddings.detach().float())
     d_ap = distances[anchors, positives][:, None]
     d_an = distances[anchors].masked_fill(~negatives[anchors], float("inf"))  # (T, B)
