@@ -7,6 +7,7 @@ datasets, and saves/restores itself, so each step can run in a fresh process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,15 +67,17 @@ class Trainer:
         return cls(params, model, loss, optimizer, device, num_train_classes)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: torch.device) -> Trainer:
+    def from_checkpoint(cls, path: str | Path, device: torch.device, *, params: Params | None = None) -> Trainer:
         """Resume training: model, loss, optimiser and RNG states as saved.
 
         The file is read onto the CPU; ``load_state_dict`` moves weights and Adam's
         moments to ``device`` and leaves Adam's ``step`` counters on the CPU, as a fresh
         optimiser has them (on the GPU each would cost a host sync per step).
+        ``params``: the run's current params, where settings that do not change results
+        (e.g. ``data.num_workers``) may differ from the checkpoint's; default: the stored ones.
         """
         state = load_checkpoint(path)
-        params = params_from_dict(state["config"])
+        params = params or params_from_dict(state["config"])
         trainer = cls.create(params, state["extra"]["num_train_classes"], device, load_pretrained=False)
         trainer.model.load_state_dict(state["model"])
         trainer.loss.load_state_dict(state["loss"])
@@ -84,11 +87,12 @@ class Trainer:
         return trainer
 
     @classmethod
-    def for_inference(cls, path: str | Path, device: torch.device) -> Trainer:
+    def for_inference(cls, path: str | Path, device: torch.device, *, params: Params | None = None) -> Trainer:
         """The model of a checkpoint, for embedding: the optimiser state is never read
-        (the file is memory-mapped) and no loss or optimiser is built."""
+        (the file is memory-mapped) and no loss or optimiser is built. ``params`` as in
+        :meth:`from_checkpoint`."""
         state = load_checkpoint(path, model_only=True)
-        params = params_from_dict(state["config"])
+        params = params or params_from_dict(state["config"])
         configure_backend(params.train, device)
         model = Embedder(replace(params.model, pretrained="none"), num_learners_init=params.cluster.num_learners)
         model.load_state_dict(state["model"])
@@ -122,8 +126,10 @@ class Trainer:
         division: Division,
         *,
         progress: Progress = lambda iterable, total: iterable,
+        on_epoch: Callable[[EpochStats], None] = lambda stats: None,
     ) -> list[EpochStats]:
-        """Train epochs ``segment.start_epoch .. end_epoch-1`` on ``division``'s batches."""
+        """Train epochs ``segment.start_epoch .. end_epoch-1`` on ``division``'s batches;
+        ``on_epoch`` gets each epoch's statistics as soon as it ends."""
         if self.optimizer is None or self.loss is None:
             raise RuntimeError("this trainer was built for inference (Trainer.for_inference); it cannot train")
         if self.epochs_done != segment.start_epoch:
@@ -168,6 +174,7 @@ class Trainer:
                 )
             )
             self.epochs_done = epoch + 1
+            on_epoch(stats[-1])
         return stats
 
     def embed(

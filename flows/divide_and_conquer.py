@@ -22,9 +22,9 @@ from dcml.atomic import remove_stale_temp_files
 from dcml.config import ConfigError, Params, load_params, to_dict, with_num_learners
 from dcml.evaluate import test_slices
 from dcml.schedule import steps_from_params
-from tasks import provenance, report, tracking, training
+from tasks import provenance, report, retention, tracking, training
 from tasks.layout import RunLayout, params_digest, run_name
-from tasks.runs import data_summary, reset_run, validate_data, write_run_params
+from tasks.runs import data_summary, device_for, reset_run, validate_data, write_run_params
 
 TRAIN_METRICS = ["loss", "seconds", "images_per_second"]
 
@@ -32,7 +32,7 @@ TRAIN_METRICS = ["loss", "seconds", "images_per_second"]
 def run_folder(out_dir: str | Path, params: Params) -> Path:
     """``<out>/runs/K<k>-seed<s>-<params hash>``."""
     name = run_name(params.cluster.num_learners, params.seed)
-    return Path(out_dir) / "runs" / f"{name}-{params_digest(to_dict(params))}"
+    return Path(out_dir) / "runs" / f"{name}-{params_digest(to_dict(params), device_for(params).type)}"
 
 
 @flow(name="divide-and-conquer", flow_run_name="dcml-K{num_learners}-seed{seed}")
@@ -59,8 +59,14 @@ def divide_and_conquer(
     write_run_params(params, layout)
     remove_stale_temp_files(layout.root)  # left by a run killed mid-write
     resume = layout.latest_checkpoint_epoch()
+    steps = steps_from_params(params)
+    if resume not in {None, 0, *(step.segment.end_epoch for step in steps)}:
+        raise ConfigError(
+            f"{layout.checkpoint(resume)} does not end a segment of the current schedule (the code changed how "
+            "epochs are grouped since the run started); rerun with --fresh to start it over"
+        )
     versions = provenance.record_code_version(layout, resume or 0)
-    _log_resume(layout, resume, versions)
+    _log_resume(layout, resume, versions, params.train.epochs)
     run_dir, name = str(layout.root), run_name(params.cluster.num_learners, params.seed)
     state = str(layout.tracking_state)
     run_id = tracking.start_run(params, name, state, parent_run_id)
@@ -72,7 +78,7 @@ def divide_and_conquer(
             checkpoint = str(layout.checkpoint(resume))
         _evaluate(params, layout, run_id, checkpoint, 0, params.cluster.num_learners, resume)
         division: str | None = None
-        for step in steps_from_params(params):
+        for step in steps:
             segment = step.segment
             if step.division == "all":
                 division = None
@@ -94,6 +100,7 @@ def divide_and_conquer(
                 _evaluate(params, layout, run_id, checkpoint, segment.end_epoch, segment.num_learners, resume)
         test_embeddings = str(layout.embeddings("test", params.train.epochs))
         final = report.summarize_run(run_dir, name, test_embeddings)
+        retention.prune(layout, params.train.keep_checkpoints, params.train.epochs)  # also when all was done
         tracking.log_artifacts(
             params,
             run_id,
@@ -140,10 +147,15 @@ def _evaluate(
     tracking.log_metrics_from(params, run_id, epoch, str(layout.evaluation(epoch)), "test", str(layout.tracking_state))
 
 
-def _log_resume(layout: RunLayout, resume: int | None, versions: list[dict[str, Any]]) -> None:
+def _log_resume(layout: RunLayout, resume: int | None, versions: list[dict[str, Any]], epochs: int) -> None:
     if resume is None:
         return
     logger = get_run_logger()
+    if resume == epochs:
+        logger.info(
+            "%s: complete (epoch %d checkpoint); its outputs are reused, --fresh recomputes", layout.root.name, resume
+        )
+        return
     message = f"{layout.root.name}: continuing from the checkpoint of epoch {resume}"
     if len(versions) > 1 and versions[-1]["from_epoch"] == resume:
         before, now = versions[-2], versions[-1]

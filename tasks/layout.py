@@ -75,13 +75,17 @@ class RunLayout:
 NOT_RESULT_KEYS = ("tracking", "sweep", "train.keep_checkpoints", "data.num_workers")
 
 
-def params_digest(params_dict: dict) -> str:
+def params_digest(params_dict: dict, device_type: str = "cpu") -> str:
     """Short stable hash of what a run computes: the params that change its results.
 
     The code is deliberately not part of it: a rerun after a code fix continues from
     the run's last checkpoint (``--fresh`` starts over); the code version of each part of
     the run is recorded (``tasks.provenance``). DVC decides *whether* the stage reruns
     (its deps include the code), the run folder decides *from where*.
+
+    ``device_type``: the resolved device (``train.device: auto`` may mean either). A run
+    on a GPU computes differently (bf16, TF32, cuDNN act on CUDA only), so it is another
+    run than the same params on a CPU; CPU keys carry no device (as before).
     """
     relevant = json.loads(json.dumps(params_dict))  # a deep copy
     for key in NOT_RESULT_KEYS:
@@ -90,6 +94,8 @@ def params_digest(params_dict: dict) -> str:
         for parent in parents:
             node = node.get(parent, {})
         node.pop(leaf, None)
+    if device_type != "cpu":
+        relevant["device_type"] = device_type
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 

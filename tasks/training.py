@@ -16,6 +16,7 @@ from dcml.config import Params
 from dcml.division import all_data, divide
 from dcml.evaluate import evaluate_embeddings
 from dcml.schedule import Segment
+from dcml.train import EpochStats
 from dcml.trainer import Trainer
 from tasks import io, retention
 from tasks.layout import RunLayout
@@ -49,7 +50,7 @@ def embed(run_dir: str, checkpoint: str, split: str, epoch: int, num_learners: i
         return str(path)
     params = run_params(layout)
     bundle = bundle_for(params)
-    trainer = Trainer.for_inference(checkpoint, device_for(params))
+    trainer = Trainer.for_inference(checkpoint, device_for(params), params=params)
     dataset = bundle.train_eval if split == "train" else bundle.test
     features = split == "train" and params.cluster.space == "backbone"
     embeddings, labels, indices = trainer.embed(
@@ -103,14 +104,22 @@ def train(run_dir: str, checkpoint: str, division: str | None, segment: Segment)
         return str(path)
     params = run_params(layout)
     bundle = bundle_for(params)
-    trainer = Trainer.from_checkpoint(checkpoint, device_for(params))
+    trainer = Trainer.from_checkpoint(checkpoint, device_for(params), params=params)
     learners_data = io.read_division(division) if division else all_data(len(bundle.splits.train))
-    for start in range(segment.start_epoch, segment.end_epoch):
-        one_epoch = Segment(start, start + 1, segment.mode, False, segment.num_clusters)
-        (stats,) = trainer.train_segment(
-            one_epoch, bundle.train, bundle.splits.train.labels, learners_data, progress=bar(f"epoch {start}")
-        )
-        io.write_json(layout.epoch_stats(start), {**stats.as_dict(), "mode": segment.mode})
+
+    def write_stats(stats: EpochStats) -> None:
+        io.write_json(layout.epoch_stats(stats.epoch), {**stats.as_dict(), "mode": segment.mode})
+
+    trainer.train_segment(  # one loader for the whole segment: its workers persist across epochs
+        segment,
+        bundle.train,
+        bundle.splits.train.labels,
+        learners_data,
+        progress=bar(f"epochs {segment.start_epoch}-{segment.end_epoch - 1}"),
+        on_epoch=lambda stats: io.write_json(
+            layout.epoch_stats(stats.epoch), {**stats.as_dict(), "mode": segment.mode}
+        ),
+    )
     trainer.save(path)
     _prune(layout, params)  # older checkpoints are consumed
     return str(path)

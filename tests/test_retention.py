@@ -83,3 +83,5 @@ def test_keep_checkpoints_is_not_part_of_the_run_key(tiny_params):
 
     assert key(keep_checkpoints=1) == key(keep_checkpoints=5)
     assert key(epochs=3) != key(epochs=4)
+    raw = to_dict(tiny_params)
+    assert params_digest(raw) == params_digest(raw, "cpu") != params_digest(raw, "cuda")  # GPU runs differ

@@ -218,3 +218,11 @@ def test_auto_workers_follow_the_cpu_count():
     assert resolve_num_workers(3, CPU) == 3
     assert resolve_num_workers("auto", CPU) == cpus // 4
     assert resolve_num_workers("auto", torch.device("cuda")) == max(1, min(16, cpus - 1))
+
+
+def test_a_resumed_trainer_takes_the_runs_current_settings_that_do_not_change_results(tmp_path, tiny_params, bundle):
+    path = Trainer.create(tiny_params, bundle.splits.train.num_classes, CPU).save(tmp_path / "epoch-0.pt")
+    now = dataclasses.replace(tiny_params, data=dataclasses.replace(tiny_params.data, num_workers=2))
+    assert Trainer.from_checkpoint(path, CPU).num_workers == 0  # the stored params
+    assert Trainer.from_checkpoint(path, CPU, params=now).num_workers == 2
+    assert Trainer.for_inference(path, CPU, params=now).num_workers == 2

@@ -184,6 +184,8 @@ class ImageDataset(Dataset):
             tensor = self.transform(image)
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                # the CPU generator only: torch.manual_seed would also reseed CUDA's (which
+                # dropout uses) whenever the image is loaded in an initialised main process
+                torch.default_generator.manual_seed(seed)
                 tensor = self.transform(image)
         return tensor, int(self.records.labels[index]), int(index)
