@@ -19,20 +19,20 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from dcml.atomic import remove_stale_temp_files
-from dcml.config import ConfigError, Params, load_params, to_dict, with_num_learners
+from dcml.config import ConfigError, Params, load_params, with_num_learners
 from dcml.evaluate import test_slices
 from dcml.schedule import steps_from_params
 from tasks import provenance, report, retention, tracking, training
-from tasks.layout import RunLayout, params_digest, run_name
-from tasks.runs import data_summary, device_for, reset_run, validate_data, write_run_params
+from tasks.layout import RunLayout, run_name
+from tasks.runs import data_summary, reset_run, run_key, validate_data, write_run_params
 
 TRAIN_METRICS = ["loss", "seconds", "images_per_second"]
 
 
 def run_folder(out_dir: str | Path, params: Params) -> Path:
-    """``<out>/runs/K<k>-seed<s>-<params hash>``."""
+    """``<out>/runs/K<k>-seed<s>-<hash of params, device type and data>`` (``tasks.runs.run_key``)."""
     name = run_name(params.cluster.num_learners, params.seed)
-    return Path(out_dir) / "runs" / f"{name}-{params_digest(to_dict(params), device_for(params).type)}"
+    return Path(out_dir) / "runs" / f"{name}-{run_key(params)}"
 
 
 @flow(name="divide-and-conquer", flow_run_name="dcml-K{num_learners}-seed{seed}")

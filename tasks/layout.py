@@ -75,7 +75,7 @@ class RunLayout:
 NOT_RESULT_KEYS = ("tracking", "sweep", "train.keep_checkpoints", "data.num_workers")
 
 
-def params_digest(params_dict: dict, device_type: str = "cpu") -> str:
+def params_digest(params_dict: dict, device_type: str = "cpu", data_version: str | None = None) -> str:
     """Short stable hash of what a run computes: the params that change its results.
 
     The code is deliberately not part of it: a rerun after a code fix continues from
@@ -86,6 +86,7 @@ def params_digest(params_dict: dict, device_type: str = "cpu") -> str:
     ``device_type``: the resolved device (``train.device: auto`` may mean either). A run
     on a GPU computes differently (bf16, TF32, cuDNN act on CUDA only), so it is another
     run than the same params on a CPU; CPU keys carry no device (as before).
+    ``data_version`` (``tasks.provenance.data_version``): a run never continues on other data.
     """
     relevant = json.loads(json.dumps(params_dict))  # a deep copy
     for key in NOT_RESULT_KEYS:
@@ -96,6 +97,8 @@ def params_digest(params_dict: dict, device_type: str = "cpu") -> str:
         node.pop(leaf, None)
     if device_type != "cpu":
         relevant["device_type"] = device_type
+    if data_version is not None:
+        relevant["data_version"] = data_version
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -1,19 +1,29 @@
-"""Which code computed a run: git commit and a digest of the Python sources.
+"""Which code and which data computed a run.
 
-A run folder is keyed on params only, so a rerun after a code change continues the run;
-:func:`record_code_version` appends to ``<run>/code_versions.json`` the epoch from which
-the current code took over, and the tracking tags name the current version.
+Code: git commit and a digest of the Python sources. A run folder is not keyed on the
+code, so a rerun after a code change continues the run; :func:`record_code_version`
+appends to ``<run>/code_versions.json`` the epoch from which the current code took over,
+and the tracking tags name the current version.
+
+Data: :func:`data_version` is part of the run's key — the DVC hash of ``data.root`` when a
+``.dvc`` file tracks it, else a digest of the split's file list and labels — so a run
+never continues on other data.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from dcml.config import DataConfig
+from dcml.data import load_splits
 from tasks import io
 from tasks.layout import RunLayout
 
@@ -66,3 +76,37 @@ def record_code_version(layout: RunLayout, from_epoch: int) -> list[dict[str, An
         history.append({**current, "from_epoch": from_epoch, "since": datetime.now(UTC).isoformat(timespec="seconds")})
         io.write_json(layout.code_versions, history)
     return history
+
+
+def dvc_version(data_root: str) -> str:
+    """The DVC hash of the dataset folder, read from the ``.dvc`` file that tracks it
+    (``data.dvc`` of the project, or ``<root>.dvc`` next to the folder); ``untracked``."""
+    root = Path(data_root).resolve()
+    candidates = [Path("data.dvc"), root.with_name(root.name + ".dvc")]
+    for dvc_file in candidates:
+        if not dvc_file.is_file():
+            continue
+        for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []):
+            if (dvc_file.parent / out.get("path", "")).resolve() == root:
+                return str(out.get("md5", "unknown"))
+    return "untracked"
+
+
+@lru_cache(maxsize=8)
+def data_version(data: DataConfig) -> str:
+    """``dvc:<md5>`` for DVC-tracked data (its content), else ``files:<digest>`` of every
+    split's image paths (relative to ``data.root``) and labels — a changed file list,
+    split or labelling is other data; a file rewritten in place is caught by DVC only."""
+    tracked = dvc_version(data.root)
+    if tracked not in ("untracked", "unknown"):
+        return f"dvc:{tracked}"
+    splits = load_splits(data)
+    digest = hashlib.sha256()
+    for name in ("train", "test", "query", "gallery"):
+        records = getattr(splits, name, None)
+        if records is None:
+            continue
+        digest.update(f"[{name}]\n".encode())
+        for path, label in zip(records.paths, records.labels.tolist(), strict=True):
+            digest.update(f"{os.path.relpath(path, data.root)}\t{label}\n".encode())
+    return f"files:{digest.hexdigest()[:16]}"

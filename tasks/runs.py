@@ -68,6 +68,13 @@ def preflight(params_path: str, points: list[tuple[int, int]], out_dir: str) -> 
     return params
 
 
+def run_key(params: Params) -> str:
+    """The run folder's hash: result-changing params, the resolved device type and the data."""
+    from tasks.provenance import data_version
+
+    return params_digest(to_dict(params), device_for(params).type, data_version(params.data))
+
+
 def run_params(layout: RunLayout) -> Params:
     return load_params(layout.params, resolve_preset=False)
 

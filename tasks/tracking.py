@@ -16,7 +16,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-import yaml
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -48,19 +47,6 @@ def experiment_id(params: Params) -> str:
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
     return mlflow_client.create_experiment(name, artifact_location=location)
-
-
-def dataset_version(data_root: str) -> str:
-    """The DVC hash of the dataset folder, read from the ``.dvc`` file that tracks it."""
-    root = Path(data_root).resolve()
-    candidates = [Path("data.dvc"), root.with_name(root.name + ".dvc")]
-    for dvc_file in candidates:
-        if not dvc_file.is_file():
-            continue
-        for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []):
-            if (dvc_file.parent / out.get("path", "")).resolve() == root:
-                return str(out.get("md5", "unknown"))
-    return "untracked"
 
 
 def code_tags() -> dict[str, str]:
@@ -120,7 +106,7 @@ def start_run(params: Params, run_name: str, state_file: str, parent_run_id: str
         tags = {
             "mlflow.runName": run_name,
             "dataset": params.data.dataset,
-            "dataset_version": dataset_version(params.data.root),
+            "dataset_version": provenance.dvc_version(params.data.root),
             "num_learners": str(params.cluster.num_learners),
         }
         if parent_run_id:

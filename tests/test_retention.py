@@ -85,3 +85,24 @@ def test_keep_checkpoints_is_not_part_of_the_run_key(tiny_params):
     assert key(epochs=3) != key(epochs=4)
     raw = to_dict(tiny_params)
     assert params_digest(raw) == params_digest(raw, "cpu") != params_digest(raw, "cuda")  # GPU runs differ
+
+
+def test_the_run_key_follows_the_data(tiny_params, tiny_demo_root, tmp_path):
+    import dataclasses
+    import shutil
+
+    from tasks.provenance import data_version
+
+    copy = tmp_path / "demo"
+    shutil.copytree(tiny_demo_root, copy)
+    data = dataclasses.replace(tiny_params.data, root=str(copy))
+    before = data_version(data)
+    assert before.startswith("files:") and before == data_version(dataclasses.replace(data, num_workers=2))
+    first_class = next(p for p in sorted(copy.iterdir()) if p.is_dir())
+    sorted(first_class.iterdir())[0].unlink()  # one image fewer
+    data_version.cache_clear()
+    assert data_version(data) != before
+    # DVC-tracked data: its content hash, from the .dvc file next to the folder
+    (tmp_path / "demo.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  path: demo\n")
+    data_version.cache_clear()
+    assert data_version(data) == "dvc:0123abcd.dir"
