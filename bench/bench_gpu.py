@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -63,7 +62,7 @@ from common import (  # noqa: E402
     write_jpeg_folder,
 )
 
-from dcml.device import resolve_device  # noqa: E402
+from dcml.device import available_cpus, resolve_device  # noqa: E402
 
 SECTIONS = ("environment", "train_step", "loader", "decode", "faiss_kmeans", "faiss_knn")
 FULL = {
@@ -116,7 +115,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(device),
         "cuda_available": torch.cuda.is_available(),
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus": available_cpus(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -130,11 +129,7 @@ def environment(device: torch.device) -> dict[str, Any]:
             query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
             out["driver"] = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip()
     out["faiss_sees_gpu"] = faiss_backend.gpu_available()
-    build_info = getattr(faiss_backend, "build_info", None)
-    if build_info is not None:
-        out["faiss"] = build_info()
-    else:
-        out["faiss"] = {"version": faiss_backend.faiss.__version__}
+    out["faiss"] = faiss_backend.build_info()
     return out
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    RunConfig,
+    add_switch_arguments,
     backend_switches,
     parse_workers,
-    resolve_freeze_bn,
+    run_config_from_args,
     temp_folder,
     train_step_bench,
 )
@@ -47,28 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; medians are reported")
     parser.add_argument("--num-learners", type=int, default=4, help="K; 1 = full embedding (finetune)")
     parser.add_argument("--num-workers", type=parse_workers, default=0, help="data.num_workers of our loop")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--freeze-bn", default="auto", choices=["auto", "true", "false"], help="auto: ResNets")
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--cudnn-benchmark", action="store_true", help="train.cudnn_benchmark (CUDA)")
-    parser.add_argument("--tf32", action="store_true", help="train.tf32 (CUDA)")
+    add_switch_arguments(parser)
     parser.add_argument("--sync-steps", type=int, default=0, help="CUDA: count host syncs over N more steps")
     parser.add_argument("--no-continuing", action="store_true", help="skip timing the non-resumed trainer")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    config = RunConfig(
-        backbone=args.backbone,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        num_learners=args.num_learners,
-        num_workers=args.num_workers,
-        bf16=args.bf16,
-        channels_last=args.channels_last,
-        cudnn_benchmark=args.cudnn_benchmark,
-        tf32=args.tf32,
-        freeze_bn=resolve_freeze_bn(args.freeze_bn, args.backbone),
-    )
+    config = run_config_from_args(args)
     with temp_folder() as folder:
         result = train_step_bench(
             config,

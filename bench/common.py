@@ -29,13 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from dcml.config import ConfigError, Params, params_from_dict, to_dict
+from dcml.config import Params, params_from_dict, to_dict
 from dcml.data import build_bundle, load_splits
+from dcml.device import resolve_num_workers
 from dcml.division import Division
 from dcml.schedule import Segment
-from dcml.train import epoch_batches
+from dcml.train import EpochBatchSampler, epoch_batches, train_loader
 from dcml.trainer import Trainer, epoch_seed
 
 IMAGES_PER_CLASS = 4  # M of the paper's batches (P classes x 4 images)
@@ -55,6 +56,33 @@ def parse_workers(value: str) -> int | str:
     return int(value) if value.strip().lstrip("-").isdigit() else value.strip()
 
 
+def add_switch_arguments(parser) -> None:  # noqa: ANN001 - argparse.ArgumentParser
+    """Options shared by bench_train_step and bench_loader: device, BN and speed switches."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--freeze-bn", default="auto", choices=["auto", "true", "false"], help="auto: ResNets")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="train.cudnn_benchmark (CUDA)")
+    parser.add_argument("--tf32", action="store_true", help="train.tf32 (CUDA)")
+
+
+def run_config_from_args(args) -> RunConfig:  # noqa: ANN001 - argparse.Namespace
+    """The :class:`RunConfig` of the options of :func:`add_switch_arguments` and the scripts'
+    --backbone/--image-size/--batch-size/--num-learners/--num-workers."""
+    return RunConfig(
+        backbone=args.backbone,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_learners=args.num_learners,
+        num_workers=args.num_workers,
+        bf16=args.bf16,
+        channels_last=args.channels_last,
+        cudnn_benchmark=args.cudnn_benchmark,
+        tf32=args.tf32,
+        freeze_bn=resolve_freeze_bn(args.freeze_bn, args.backbone),
+    )
+
+
 def resolve_freeze_bn(choice: str, backbone: str) -> bool:
     """``auto``: frozen BatchNorm for ResNets (as in the paper presets), not for small_cnn."""
     if choice == "auto":
@@ -65,14 +93,11 @@ def resolve_freeze_bn(choice: str, backbone: str) -> bool:
 def backend_switches() -> dict[str, Any]:
     """torch's global cudnn/TF32 switches as they are now (set by ``Trainer.create`` from
     ``train.cudnn_benchmark``/``train.tf32`` via ``dcml.device.configure_backend``)."""
-    out: dict[str, Any] = {"cudnn_benchmark": torch.backends.cudnn.benchmark}
-    try:
-        out["matmul_fp32_precision"] = torch.backends.cuda.matmul.fp32_precision
-        out["conv_fp32_precision"] = torch.backends.cudnn.conv.fp32_precision
-    except AttributeError:  # torch without the fp32_precision API
-        out["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
-        out["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
-    return out
+    return {
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+        "conv_fp32_precision": torch.backends.cudnn.conv.fp32_precision,
+    }
 
 
 def error_report(error: BaseException) -> dict[str, str]:
@@ -179,13 +204,10 @@ def make_params(config: RunConfig, folder: Path, *, data_root: str = "unused", *
             "epochs": 1000,
             "bf16": config.bf16,
             "channels_last": config.channels_last,
+            "cudnn_benchmark": config.cudnn_benchmark,  # applied by Trainer.create
+            "tf32": config.tf32,
         }
     )
-    for key in ("cudnn_benchmark", "tf32"):  # train.* switches applied by Trainer.create
-        if key in raw["train"]:
-            raw["train"][key] = getattr(config, key)
-        elif getattr(config, key):
-            raise ConfigError(f"this dcml has no train.{key}")
     raw["cluster"].update(
         {"num_learners": config.num_learners, "divide_until_epoch": 1000, "finetune_from_epoch": 1000}
     )
@@ -193,34 +215,9 @@ def make_params(config: RunConfig, folder: Path, *, data_root: str = "unused", *
     return params_from_dict(raw)
 
 
-def params_with_workers(config: RunConfig, folder: Path, **kwargs: Any) -> tuple[Params, str | None]:
-    """:func:`make_params`; a worker setting the config rejects (``auto`` before dcml knows
-    it) falls back to an integer, with a note saying so."""
-    try:
-        return make_params(config, folder, **kwargs), None
-    except ConfigError as error:
-        if isinstance(config.num_workers, int):
-            raise
-        fallback = default_workers()
-        note = f"data.num_workers={config.num_workers!r} rejected by dcml.config ({error}); used {fallback}"
-        fixed = RunConfig(**{**config.__dict__, "num_workers": fallback})
-        return make_params(fixed, folder, **kwargs), note
-
-
-def default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
-
-
 def loader_workers(params: Params, device: torch.device) -> int:
-    """The worker count our training uses for ``params.data.num_workers`` (``auto``
-    resolved by ``dcml.device.resolve_num_workers``)."""
-    import dcml.device
-
-    resolver = getattr(dcml.device, "resolve_num_workers", None)
-    if resolver is not None:
-        return int(resolver(params.data.num_workers, device))
-    value = params.data.num_workers
-    return value if isinstance(value, int) else default_workers()
+    """The worker count our training uses for ``params.data.num_workers``."""
+    return resolve_num_workers(params.data.num_workers, device)
 
 
 def segment(epoch: int, num_learners: int) -> Segment:
@@ -411,7 +408,7 @@ def train_step_bench(
     checkpoint round trip), so resume cost shows as the difference. ``sync_steps`` > 0
     (CUDA) counts host syncs per step of both loops afterwards (untimed).
     """
-    params, note = params_with_workers(config, folder)
+    params = make_params(config, folder)
     size, k = config.image_size, config.num_learners
     labels = balanced_labels(steps, config.batch_size, k)
     warm_labels = balanced_labels(max(warmup, 1), config.batch_size, k)
@@ -419,8 +416,7 @@ def train_step_bench(
     pool = torch.randn(min(len(labels), 4 * config.batch_size), 3, size, size)
     dataset, warm_dataset = InMemoryImages(pool, labels), InMemoryImages(pool, warm_labels)
     division, warm_division = division_by_class(labels, k), division_by_class(warm_labels, k)
-    report: dict[str, Any] = {"num_workers_note": note} if note else {}
-    report["num_workers_resolved"] = loader_workers(params, device)
+    report: dict[str, Any] = {"num_workers_resolved": loader_workers(params, device)}
 
     bare = BareLoop(params, num_classes, device)
     saved: list[Trainer] = []
@@ -548,14 +544,14 @@ def write_jpeg_folder(
     }
 
 
-def folder_params(config: RunConfig, root: Path, folder: Path) -> tuple[Params, str | None]:
+def folder_params(config: RunConfig, root: Path, folder: Path) -> Params:
     """Params reading ``root`` as a ``folder`` dataset: every generated class trains."""
     train_classes = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != TEST_CLASS)
     data = {
         "data_root": str(root),
         "split": {"train_ratio": 0.5, "train_classes": train_classes, "test_classes": [TEST_CLASS]},
     }
-    return params_with_workers(config, folder, **data)
+    return make_params(config, folder, **data)
 
 
 # ---------------------------------------------------------------------------- loader benchmark
@@ -573,7 +569,7 @@ def loader_bench(
     """A full epoch of our loop over JPEG files (loader + step, through the resume path),
     the same epoch's batches through our DataLoader alone, and the bare loop on in-memory
     tensors for as many batches. ``repeats`` interleaved rounds; medians reported."""
-    params, note = folder_params(config, root, folder)
+    params = folder_params(config, root, folder)
     splits = load_splits(params.data)
     bundle = build_bundle(splits, params.data)
     labels = splits.train.labels
@@ -583,8 +579,7 @@ def loader_bench(
     classes_per_batch = config.batch_size // IMAGES_PER_CLASS
     warm_keep = labels < max(warmup, 1) * classes_per_batch * k
     warm_division = division_by_class(labels, k, keep=warm_keep)
-    report: dict[str, Any] = {"num_workers_note": note} if note else {}
-    report["num_workers"] = params.data.num_workers
+    report: dict[str, Any] = {"num_workers": params.data.num_workers}
     report["num_workers_resolved"] = loader_workers(params, device)
     report["train_images"] = len(labels)
 
@@ -630,8 +625,8 @@ def loader_bench(
 def loader_only(
     params: Params, dataset: Dataset, labels: np.ndarray, division: Division, device: torch.device, *, epoch: int
 ) -> dict[str, Any]:
-    """Iterate the epoch's batches through the DataLoader our training uses (its settings
-    when train.py does not expose it), copying each batch to the device, without a step."""
+    """Iterate the epoch's batches through the DataLoader our training uses, copying each
+    batch to the device, without a step."""
     t = params.train
     batches = epoch_batches(
         division,
@@ -668,19 +663,8 @@ def loader_only(
 
 
 def training_loader(dataset: Dataset, batches, workers: int, device: torch.device, seed: int):
-    """(loader, description): ``dcml.train.train_loader`` with an ``EpochBatchSampler`` set
-    to ``batches`` when this dcml has them, else a DataLoader with train_epoch's settings."""
-    import dcml.train
-
-    if hasattr(dcml.train, "train_loader") and hasattr(dcml.train, "EpochBatchSampler"):
-        sampler = dcml.train.EpochBatchSampler()
-        sampler.set_epoch(batches, seed)
-        loader = dcml.train.train_loader(dataset, sampler, num_workers=workers, device=device)
-        return loader, "dcml.train.train_loader (the segment's loader of Trainer.train_segment)"
-    loader = DataLoader(
-        dataset,
-        batch_sampler=[indices for _, indices in batches],
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-    )
-    return loader, "DataLoader with train_epoch's settings (dcml.train has no train_loader)"
+    """(loader, description): ``dcml.train.train_loader`` with an ``EpochBatchSampler`` set to ``batches``."""
+    sampler = EpochBatchSampler()
+    sampler.set_epoch(batches, seed)
+    loader = train_loader(dataset, sampler, num_workers=workers, device=device)
+    return loader, "dcml.train.train_loader (the segment's loader of Trainer.train_segment)"

@@ -56,12 +56,8 @@ class Trainer:
         cls, params: Params, num_train_classes: int, device: torch.device, *, load_pretrained: bool = True
     ) -> Trainer:
         """Fresh model (weights initialised from ``params.seed``), loss and optimiser."""
-        configure_backend(params.train, device)
         torch.manual_seed(params.seed)  # parameter init draws from torch's generator
-        model_config = params.model if load_pretrained else replace(params.model, pretrained="none")
-        model = Embedder(model_config, num_learners_init=params.cluster.num_learners).to(device)
-        if params.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = _build_model(params, device, load_pretrained=load_pretrained)
         loss = build_loss(params.loss, num_train_classes).to(device)
         optimizer = build_optimizer(model, loss, params.train, params.loss.beta_lr)
         return cls(params, model, loss, optimizer, device, num_train_classes)
@@ -93,12 +89,8 @@ class Trainer:
         :meth:`from_checkpoint`."""
         state = load_checkpoint(path, model_only=True)
         params = params or params_from_dict(state["config"])
-        configure_backend(params.train, device)
-        model = Embedder(replace(params.model, pretrained="none"), num_learners_init=params.cluster.num_learners)
+        model = _build_model(params, device, load_pretrained=False)
         model.load_state_dict(state["model"])
-        model = model.to(device)
-        if params.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         num_classes = state["extra"]["num_train_classes"]
         return cls(params, model.eval(), None, None, device, num_classes, epochs_done=state["epoch"])
 
@@ -197,3 +189,13 @@ class Trainer:
             channels_last=self.params.train.channels_last,
             progress=progress,
         )
+
+
+def _build_model(params: Params, device: torch.device, *, load_pretrained: bool) -> Embedder:
+    """The run's model on ``device`` (backend switches applied, channels_last if asked)."""
+    configure_backend(params.train, device)
+    model_config = params.model if load_pretrained else replace(params.model, pretrained="none")
+    model = Embedder(model_config, num_learners_init=params.cluster.num_learners).to(device)
+    if params.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -100,7 +100,7 @@ def divide_and_conquer(
                 _evaluate(params, layout, run_id, checkpoint, segment.end_epoch, segment.num_learners, resume)
         test_embeddings = str(layout.embeddings("test", params.train.epochs))
         final = report.summarize_run(run_dir, name, test_embeddings)
-        retention.prune(layout, params.train.keep_checkpoints, params.train.epochs)  # also when all was done
+        retention.prune_run(layout, params)  # also when all work was done
         tracking.log_artifacts(
             params,
             run_id,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dcml.config import Params
 from tasks.layout import RunLayout
 
 
@@ -39,3 +40,8 @@ def prune(layout: RunLayout, keep_checkpoints: int, final_epoch: int) -> list[Pa
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed
+
+
+def prune_run(layout: RunLayout, params: Params) -> list[Path]:
+    """:func:`prune` with the run's ``train.keep_checkpoints`` and last epoch."""
+    return prune(layout, params.train.keep_checkpoints, params.train.epochs)

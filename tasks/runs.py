@@ -13,6 +13,7 @@ from dcml.config import ConfigError, DataConfig, Params, check_against_data, loa
 from dcml.data import DatasetBundle, build_bundle, load_splits, retrieval_size
 from dcml.device import resolve_device
 from tasks.layout import RunLayout, params_digest
+from tasks.provenance import data_version
 
 
 def write_run_params(params: Params, layout: RunLayout) -> Path:
@@ -70,8 +71,6 @@ def preflight(params_path: str, points: list[tuple[int, int]], out_dir: str) -> 
 
 def run_key(params: Params) -> str:
     """The run folder's hash: result-changing params, the resolved device type and the data."""
-    from tasks.provenance import data_version
-
     return params_digest(to_dict(params), device_for(params).type, data_version(params.data))
 
 

@@ -12,7 +12,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dcml.clustering import kmeans_seed
-from dcml.config import Params
 from dcml.division import all_data, divide
 from dcml.evaluate import evaluate_embeddings
 from dcml.schedule import Segment
@@ -22,11 +21,6 @@ from tasks import io, retention
 from tasks.layout import RunLayout
 from tasks.progress import bar
 from tasks.runs import bundle_for, device_for, run_params
-
-
-def _prune(layout: RunLayout, params: Params) -> None:
-    """Delete what the run no longer needs (see tasks.retention) once an output is written."""
-    retention.prune(layout, params.train.keep_checkpoints, params.train.epochs)
 
 
 @task(name="init-model", task_run_name="init-model", cache_policy=NO_CACHE)
@@ -91,7 +85,7 @@ def cluster(
         previous=before.assignment if keep_previous else None,
     )
     io.write_division(path, division, labels, epoch=epoch, division_index=division_index)
-    _prune(layout, params)  # the train embeddings are consumed
+    retention.prune_run(layout, params)  # the train embeddings are consumed
     return str(path)
 
 
@@ -121,7 +115,7 @@ def train(run_dir: str, checkpoint: str, division: str | None, segment: Segment)
         ),
     )
     trainer.save(path)
-    _prune(layout, params)  # older checkpoints are consumed
+    retention.prune_run(layout, params)  # older checkpoints are consumed
     return str(path)
 
 
@@ -139,5 +133,5 @@ def evaluate(run_dir: str, embeddings: str, epoch: int) -> str:
         vectors, labels, bundle_for(params).splits, params.eval, seed=params.seed, final=final
     )
     io.write_json(path, {"epoch": epoch, **metrics, "num_slices": meta["num_learners"]})
-    _prune(layout, params)  # older test embeddings are consumed
+    retention.prune_run(layout, params)  # older test embeddings are consumed
     return str(path)

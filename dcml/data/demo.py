@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +35,9 @@ from PIL import Image
 
 from dcml.data.demo_render import render_image
 from dcml.data.errors import DatasetError
+from dcml.data.generated import write_generated
 
 GENERATOR_VERSION = 1
-_MARKER = ".complete"
 _SHAPES = ("circle", "ring", "square", "triangle", "pentagon", "star", "cross", "crescent", "bar", "tee")
 _HUES = tuple("red orange yellow lime green spring cyan azure blue violet magenta rose".split())
 _TONES = {"deep": (0.9, 0.55), "vivid": (0.9, 0.95), "pastel": (0.4, 0.95)}  # saturation, value
@@ -134,34 +132,8 @@ def generate_demo_dataset(
         "seed": seed,
     }
     info = _info(root, settings)
-    if _is_complete(root, settings):
-        return info
-    root.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f"{root.name}.tmp-", dir=root.parent))
-    try:
-        _write_all(temp, settings)
-        if root.is_dir() and not any(root.iterdir()):
-            root.rmdir()
-        temp.rename(root)
-    except OSError:
-        if not _is_complete(root, settings):  # not a concurrent twin finishing first
-            raise
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    write_generated(root, settings, "demo dataset", lambda folder: _write_all(folder, settings))
     return info
-
-
-def _is_complete(root: Path, settings: dict) -> bool:
-    """True for a finished demo folder with ``settings``; raises if ``root`` holds other data."""
-    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
-        return False
-    marker = root / _MARKER
-    if not marker.is_file():
-        raise DatasetError(f"{root} exists and is not a complete demo dataset; refusing to overwrite it")
-    found = json.loads(marker.read_text())
-    if found != settings:
-        raise DatasetError(f"demo dataset {root} was generated with {found}, not {settings}; remove it first")
-    return True
 
 
 def _info(root: Path, settings: dict) -> DemoInfo:
@@ -190,7 +162,6 @@ def _write_all(folder: Path, settings: dict) -> None:
             pixels = render_image(spec.group, spec.factors, size, rng)
             Image.fromarray(pixels).save(folder / spec.name / f"{image_index:0{width}d}.png", compress_level=6)
     (folder / "README.md").write_text(_readme(settings))
-    (folder / _MARKER).write_text(json.dumps(settings, sort_keys=True))
 
 
 def _readme(settings: dict) -> str:

@@ -27,8 +27,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from dcml.data.errors import DatasetError
+from dcml.data.generated import write_generated
 
 GENERATOR_VERSION = 2
 CATEGORIES = (
@@ -45,7 +44,6 @@ CATEGORIES = (
 SOP_TOTALS = {"train": (11318, 59551), "test": (11316, 60502)}  # (classes, images)
 MIN_IMAGES, MAX_IMAGES = 2, 12
 HEADER = "image_id class_id super_class_id path"
-_MARKER = ".complete"
 _CHUNK_CLASSES = 256
 
 
@@ -189,19 +187,12 @@ def generate_sop_like(
     root, started = Path(root), time.perf_counter()
     settings = {"version": GENERATOR_VERSION, "scale": float(scale), "image_size": image_size, "seed": seed}
     classes = sop_like_classes(scale, seed)
-    generated = not _is_complete(root, settings)
-    if generated:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(prefix=f"{root.name}.tmp-", dir=root.parent))
-        try:
-            _write_lists(temp, classes)
-            _write_images(temp, classes["train"] + classes["test"], image_size, seed, workers or os.cpu_count() or 1)
-            (temp / _MARKER).write_text(json.dumps(settings, sort_keys=True))
-            if root.is_dir() and not any(root.iterdir()):
-                root.rmdir()
-            temp.rename(root)
-        finally:
-            shutil.rmtree(temp, ignore_errors=True)
+
+    def write(folder: Path) -> None:
+        _write_lists(folder, classes)
+        _write_images(folder, classes["train"] + classes["test"], image_size, seed, workers or os.cpu_count() or 1)
+
+    generated = write_generated(root, settings, "SOP-like dataset", write)
     counts = {split: (len(rows), sum(c for _, _, c in rows)) for split, rows in classes.items()}
     return SopLikeInfo(
         root=str(root),
@@ -215,19 +206,6 @@ def generate_sop_like(
         generated=generated,
         seconds=round(time.perf_counter() - started, 2),
     )
-
-
-def _is_complete(root: Path, settings: dict) -> bool:
-    """True for a finished folder with ``settings``; raises if ``root`` holds other data."""
-    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
-        return False
-    marker = root / _MARKER
-    if not marker.is_file():
-        raise DatasetError(f"{root} exists and is not a complete SOP-like dataset; refusing to overwrite it")
-    found = json.loads(marker.read_text())
-    if found != settings:
-        raise DatasetError(f"SOP-like dataset {root} was generated with {found}, not {settings}; remove it first")
-    return True
 
 
 def main(argv: list[str] | None = None) -> None:
