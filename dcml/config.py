@@ -61,7 +61,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: Literal["small_cnn", "resnet18", "resnet34", "resnet50"] = "resnet50"
+    backbone: Literal["small_cnn", "resnet18", "resnet34", "resnet50", "efficientnet_lite0"] = "resnet50"
     pretrained: str = "imagenet"  # "imagenet" | "none" | path to a local weights file
     embedding_dim: int = 128
     dropout: float = 0.01
@@ -69,6 +69,12 @@ class ModelConfig:
     # Scale the concatenation of K normalised slices to unit norm (÷ sqrt K). A constant
     # scale: rankings, clustering and metrics are unchanged; for downstream consumers.
     renormalize_full: bool = True
+    # How learners own the embedding: "slices" — disjoint blocks of d/K dims (CVPR'19);
+    # "masks" — one learnable mask per learner over all d dims, normalize(emb * relu(m_k))
+    # (TPAMI'21). The test embedding is the normalised full embedding with masks.
+    learners: Literal["slices", "masks"] = "slices"
+    mask_init: Literal["ones", "slices"] = "ones"  # ones (the authors' default) | each slice's indicator
+    mask_decorrelation: float = 1.0  # lambda of the penalty lambda * mean pairwise cosine of relu(masks)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class TrainConfig:
     images_per_class: int = 4
     lr_backbone: float = 1e-5
     lr_embedding: float = 1e-5
+    lr_masks: float = 1e-5  # model.learners: masks — their own Adam group, without weight decay
     weight_decay: float = 1e-4
     lr_decay_gamma: float = 1.0  # multiplicative LR decay per epoch; 1.0 = none
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -116,6 +123,9 @@ class ClusterConfig:
     niter: int = 20
     nredo: int = 1
     max_points_per_centroid: int = 256
+    # TPAMI'21: the number of clusters doubles at each division (2, 4, ... up to K) by
+    # 2-means splits of the current clusters; children inherit their parent's learner
+    hierarchical: bool = False
 
 
 @dataclass(frozen=True)
@@ -310,9 +320,16 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
         (0 < t.lr_decay_gamma <= 1, "train.lr_decay_gamma must be in (0, 1]"),
         (c.num_learners >= 1, "cluster.num_learners must be >= 1"),
         (
-            m.embedding_dim % c.num_learners == 0,
+            not needs_divisible_dim(m) or m.embedding_dim % c.num_learners == 0,
             f"model.embedding_dim ({m.embedding_dim}) must be divisible by cluster.num_learners ({c.num_learners})",
         ),
+        (
+            not c.hierarchical or _is_power_of_two(c.num_learners),
+            f"cluster.hierarchical doubles the clusters at each division: cluster.num_learners "
+            f"({c.num_learners}) must be a power of two",
+        ),
+        (m.mask_decorrelation >= 0, "model.mask_decorrelation must be >= 0"),
+        (t.lr_masks >= 0, "train.lr_masks must be >= 0"),
         (c.recluster_every >= 1, "cluster.recluster_every must be >= 1"),
         (
             0 <= c.divide_until_epoch <= c.finetune_from_epoch <= t.epochs,
@@ -352,10 +369,21 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
         if not ok:
             raise ConfigError(message)
     for k in params.sweep.num_learners:
-        if k < 1 or m.embedding_dim % k:
+        if k < 1 or (needs_divisible_dim(m) and m.embedding_dim % k):
             raise ConfigError(f"sweep.num_learners: {k} does not divide model.embedding_dim ({m.embedding_dim})")
+        if c.hierarchical and not _is_power_of_two(k):
+            raise ConfigError(f"sweep.num_learners: {k} is not a power of two (cluster.hierarchical: true)")
     if num_train_classes is not None:
         check_against_data(params, num_train_classes)
+
+
+def needs_divisible_dim(model: ModelConfig) -> bool:
+    """Slices (and masks initialised as slices) split d into K equal blocks."""
+    return model.learners == "slices" or model.mask_init == "slices"
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
 
 
 def check_against_data(params: Params, num_train_classes: int, num_retrieval_items: int | None = None) -> None:
@@ -412,8 +440,26 @@ def flatten(params: Params) -> dict[str, Any]:
 
 
 def with_num_learners(params: Params, num_learners: int, seed: int | None = None) -> Params:
-    """A copy for one sweep point (K, seed); K=1 is the plain baseline."""
+    """A copy for one sweep point (K, seed).
+
+    K=1 is the plain baseline: the learner settings that only act with K > 1 (masks,
+    hierarchical division) are reset to their defaults, so the baseline of a TPAMI sweep
+    is the same run (same run key, computed once) as that of a CVPR sweep.
+    """
     cluster = dataclasses.replace(params.cluster, num_learners=num_learners)
-    new = dataclasses.replace(params, cluster=cluster, seed=params.seed if seed is None else seed)
+    model, train = params.model, params.train
+    if num_learners == 1:
+        defaults, train_defaults = ModelConfig(), TrainConfig()
+        model = dataclasses.replace(
+            model,
+            learners=defaults.learners,
+            mask_init=defaults.mask_init,
+            mask_decorrelation=defaults.mask_decorrelation,
+        )
+        train = dataclasses.replace(train, lr_masks=train_defaults.lr_masks)
+        cluster = dataclasses.replace(cluster, hierarchical=False)
+    new = dataclasses.replace(
+        params, model=model, train=train, cluster=cluster, seed=params.seed if seed is None else seed
+    )
     validate(new)
     return new

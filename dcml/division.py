@@ -52,7 +52,81 @@ def divide(
     ``seed`` should differ per division (see :func:`dcml.clustering.kmeans_seed`);
     ``previous`` (n,) is the last assignment, matched so learners keep their data.
     """
-    assignment = clustering.kmeans(
+    assignment = _kmeans(embeddings, num_clusters, config, seed=seed, use_gpu=use_gpu)
+    if previous is not None:
+        assignment = clustering.match_clusters(previous, assignment, num_clusters=num_clusters)
+    return _finish(assignment, labels, num_clusters, previous)
+
+
+def split_in_two(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    parents: np.ndarray,
+    config: ClusterConfig,
+    *,
+    seed: int,
+    previous: np.ndarray | None = None,
+    use_gpu: bool | None = None,
+) -> Division:
+    """Hierarchical division: 2-means inside each cluster of ``parents`` (n,) in 0..c-1;
+    cluster ``j``'s halves become clusters ``2j`` and ``2j + 1`` of the 2c-cluster division
+    (so child ``2j + 1`` starts from learner ``j``'s mask or the second half of its slice).
+    """
+    parents = np.asarray(parents, dtype=np.int64)
+    num_parents = int(parents.max()) + 1
+    assignment = 2 * parents
+    for parent in range(num_parents):
+        members = np.flatnonzero(parents == parent)
+        if members.size >= 2:
+            halves = _kmeans(embeddings[members], 2, config, seed=(seed + 7919 * (parent + 1)) % 2**31, use_gpu=use_gpu)
+            assignment[members] += halves
+    division = _finish(assignment, labels, 2 * num_parents, None)
+    if previous is not None:
+        division.stats["nmi_to_previous"] = clustering.assignment_nmi(previous, division.assignment)
+        division.stats["learner_kept"] = _kept(previous, division.assignment // 2)
+    return division
+
+
+def next_division(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    num_clusters: int,
+    config: ClusterConfig,
+    *,
+    seed: int,
+    previous: Division | None = None,
+    use_gpu: bool | None = None,
+) -> Division:
+    """The one rule for a new division, used by every driver.
+
+    Same number of clusters as ``previous``: k-means, matched to it (Hungarian). Twice as
+    many (hierarchical, TPAMI'21): re-cluster into the previous number (matched) as the
+    authors do, then split each cluster in two. Otherwise (the first division): k-means.
+    """
+    before = previous.assignment if previous is not None else None
+    if config.hierarchical and num_clusters > 1:
+        parents_k = previous.num_clusters if previous is not None else 1
+        if num_clusters == 2 * parents_k:
+            parents = _kmeans(embeddings, parents_k, config, seed=seed, use_gpu=use_gpu)
+            if before is not None and parents_k > 1:
+                parents = clustering.match_clusters(before, parents, num_clusters=parents_k)
+            return split_in_two(embeddings, labels, parents, config, seed=seed, previous=before, use_gpu=use_gpu)
+    keep_previous = previous is not None and previous.num_clusters == num_clusters
+    return divide(
+        embeddings,
+        labels,
+        num_clusters,
+        config,
+        seed=seed,
+        previous=before if keep_previous else None,
+        use_gpu=use_gpu,
+    )
+
+
+def _kmeans(
+    embeddings: np.ndarray, num_clusters: int, config: ClusterConfig, *, seed: int, use_gpu: bool | None
+) -> np.ndarray:
+    return clustering.kmeans(
         np.ascontiguousarray(embeddings, dtype=np.float32),
         num_clusters,
         niter=config.niter,
@@ -61,13 +135,23 @@ def divide(
         max_points_per_centroid=config.max_points_per_centroid,
         use_gpu=use_gpu,
     )
-    if previous is not None:
-        assignment = clustering.match_clusters(previous, assignment, num_clusters=num_clusters)
+
+
+def _finish(assignment: np.ndarray, labels: np.ndarray, num_clusters: int, previous: np.ndarray | None) -> Division:
+    """Guards (every learner trainable, singletons dropped) and statistics."""
     keep, _ = clustering.drop_singleton_images(assignment, labels)
     assignment = clustering.ensure_trainable(assignment, labels, keep, num_clusters=num_clusters)
     keep, num_dropped = clustering.drop_singleton_images(assignment, labels)
     stats = clustering.cluster_stats(assignment, num_clusters)
     if previous is not None:
         stats["nmi_to_previous"] = clustering.assignment_nmi(previous, assignment)
+        stats["learner_kept"] = _kept(previous, assignment)
     stats["images_dropped"] = float(num_dropped)
     return Division(assignment, keep, num_clusters, num_dropped, stats)
+
+
+def _kept(previous: np.ndarray, learners: np.ndarray) -> float:
+    """Fraction of images (assigned before) whose learner is unchanged — the parent's
+    after a split — i.e. how much of its data each learner keeps across a division."""
+    valid = previous >= 0
+    return float(np.mean(previous[valid] == learners[valid])) if valid.any() else 0.0

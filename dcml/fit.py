@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dcml import division as division_rules
 from dcml.clustering import kmeans_seed
 from dcml.config import Params, check_against_data
 from dcml.data import DatasetBundle, retrieval_size
-from dcml.division import Division, all_data, divide
+from dcml.division import Division, all_data
 from dcml.evaluate import evaluate_bundle
 from dcml.schedule import Step, steps_from_params
 from dcml.train import EpochStats
@@ -29,7 +30,7 @@ class FitResult:
     divisions: list[tuple[int, Division]] = field(default_factory=list)  # (start epoch, division)
 
 
-def next_division(trainer: Trainer, bundle: DatasetBundle, step: Step, previous: Division | None) -> Division:
+def division_for_step(trainer: Trainer, bundle: DatasetBundle, step: Step, previous: Division | None) -> Division:
     """The division a step trains on: a new clustering, the previous one, or all data."""
     if step.division == "all":
         return all_data(len(bundle.splits.train))
@@ -40,15 +41,8 @@ def next_division(trainer: Trainer, bundle: DatasetBundle, step: Step, previous:
     embeddings, labels, _ = trainer.embed(
         bundle.train_eval, num_learners=segment.num_learners, features=cluster.space == "backbone"
     )
-    keep_previous = previous is not None and previous.num_clusters == segment.num_clusters
-    return divide(
-        embeddings,
-        labels,
-        segment.num_clusters,
-        cluster,
-        seed=kmeans_seed(trainer.params.seed, step.division_index),
-        previous=previous.assignment if keep_previous else None,
-    )
+    seed = kmeans_seed(trainer.params.seed, step.division_index)
+    return division_rules.next_division(embeddings, labels, segment.num_clusters, cluster, seed=seed, previous=previous)
 
 
 def fit(
@@ -64,13 +58,11 @@ def fit(
     trainer = Trainer.create(params, bundle.splits.train.num_classes, device)
     result = FitResult(trainer)
     if evaluate_untrained:
-        result.evaluations.append(
-            (0, evaluate_bundle(trainer, bundle, segment_learners=params.cluster.num_learners, final=False))
-        )
+        result.evaluations.append((0, evaluate_bundle(trainer, bundle, final=False)))
     division: Division | None = None
     for step in steps_from_params(params):
         segment = step.segment
-        new_division = next_division(trainer, bundle, step, division)
+        new_division = division_for_step(trainer, bundle, step, division)
         if step.division == "new":
             result.divisions.append((segment.start_epoch, new_division))
         if step.division != "all":
@@ -79,8 +71,6 @@ def fit(
             result.epochs.append(stats)
             on_epoch(stats)
         if step.evaluate:
-            metrics = evaluate_bundle(
-                trainer, bundle, segment_learners=segment.num_learners, final=segment.end_epoch == params.train.epochs
-            )
+            metrics = evaluate_bundle(trainer, bundle, final=segment.end_epoch == params.train.epochs)
             result.evaluations.append((segment.end_epoch, metrics))
     return result

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision import models
 
 from dcml.config import ModelConfig
+from dcml.masks import LearnerMasks
 
 _RESNETS = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
@@ -81,8 +82,12 @@ def build_backbone(name: str, pretrained: str) -> tuple[nn.Module, int]:
         num_features = resnet.fc.in_features
         trunk = [(n, m) for n, m in resnet.named_children() if n not in ("avgpool", "fc")]
         backbone = nn.Sequential(OrderedDict(trunk))
+    elif name == "efficientnet_lite0":
+        from dcml.efficientnet import efficientnet_lite0  # optional packages: dcml[pretrained]
+
+        return efficientnet_lite0(pretrained)  # loads its own weights (offline, from the package)
     else:
-        raise ValueError(f"unknown backbone {name!r}; choose small_cnn, {', '.join(_RESNETS)}")
+        raise ValueError(f"unknown backbone {name!r}; choose small_cnn, {', '.join(_RESNETS)}, efficientnet_lite0")
     if pretrained != "none":
         load_pretrained_backbone(backbone, name, pretrained)
     return backbone, num_features
@@ -154,9 +159,15 @@ class Embedder(nn.Module):
 
     With ``config.freeze_bn`` the backbone's BatchNorm layers stay in eval mode (running
     statistics fixed) while their affine weight and bias are still trained.
+
+    With ``config.learners == "masks"`` (TPAMI'21) the model holds ``masks`` (K, d), one
+    learnable mask per learner (:class:`dcml.masks.LearnerMasks`); learner ``k`` of ``c``
+    active clusters embeds as ``normalize(emb * relu(mask))`` and the full embedding is
+    ``normalize(emb)``. ``hierarchical``: the masks start as one and double with the
+    clusters (see :meth:`LearnerMasks.grow`).
     """
 
-    def __init__(self, config: ModelConfig, *, num_learners_init: int = 1) -> None:
+    def __init__(self, config: ModelConfig, *, num_learners_init: int = 1, hierarchical: bool = False) -> None:
         super().__init__()
         self.config = config
         self.backbone, num_features = build_backbone(config.backbone, config.pretrained)
@@ -164,6 +175,11 @@ class Embedder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.embedding = nn.Linear(num_features, config.embedding_dim)
         init_embedding_blocks(self.embedding, num_learners_init)
+        self.masks: LearnerMasks | None = None
+        if config.learners == "masks":
+            self.masks = LearnerMasks(
+                num_learners_init, config.embedding_dim, init=config.mask_init, hierarchical=hierarchical
+            )
         self.train()
 
     def forward(
@@ -180,6 +196,8 @@ class Embedder(nn.Module):
             return pooled
         raw = self.embedding(self.dropout(pooled))
         dim = self.config.embedding_dim
+        if self.masks is not None:
+            return F.normalize(raw if learner is None else self.masks.apply(raw, num_learners, learner), dim=1)
         if learner is not None:
             return F.normalize(raw[:, learner_slice(dim, num_learners, learner)], dim=1)
         return full_embedding(raw, num_learners, self.config.renormalize_full)
@@ -194,5 +212,8 @@ class Embedder(nn.Module):
         return self
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimiser group: ``backbone`` and ``embedding``."""
-        return {"backbone": list(self.backbone.parameters()), "embedding": list(self.embedding.parameters())}
+        """Parameters by optimiser group: ``backbone``, ``embedding`` (and ``masks``)."""
+        groups = {"backbone": list(self.backbone.parameters()), "embedding": list(self.embedding.parameters())}
+        if self.masks is not None:
+            groups["masks"] = list(self.masks.parameters())
+        return groups

@@ -56,19 +56,22 @@ def plan(
     divide_until_epoch: int,
     finetune_from_epoch: int,
     evaluate_every: int | None = None,
+    hierarchical: bool = False,
 ) -> list[Segment]:
     """Split ``range(epochs)`` into segments at every re-clustering and mode boundary,
     and every ``evaluate_every`` epochs (where :func:`steps` evaluates).
 
     Without ``evaluate_every``, finetune epochs are cut every ``recluster_every`` epochs,
     so evaluation and checkpoints have the same cadence for every K (K=1 included).
+    ``hierarchical`` (TPAMI'21): the i-th division has ``min(2**i, K)`` clusters — all data
+    in one, then each cluster split in two at every re-clustering until K are reached.
     """
     if not 0 <= divide_until_epoch <= finetune_from_epoch <= epochs:
         raise ValueError("need 0 <= divide_until_epoch <= finetune_from_epoch <= epochs")
     if recluster_every < 1 or num_learners < 1 or (evaluate_every is not None and evaluate_every < 1):
         raise ValueError("recluster_every, num_learners and evaluate_every must be >= 1")
     segments: list[Segment] = []
-    start = 0
+    start, divisions, clusters = 0, 0, num_learners
     while start < epochs:
         mode = mode_of_epoch(start, num_learners, divide_until_epoch, finetune_from_epoch)
         end = min(epochs, (start // recluster_every + 1) * recluster_every)
@@ -78,13 +81,17 @@ def plan(
             if start < boundary < end:
                 end = boundary
         clustered = mode != "finetune"
+        recluster = clustered and start % recluster_every == 0
+        if clustered and (recluster or divisions == 0):
+            clusters = min(2**divisions, num_learners) if hierarchical else num_learners
+            divisions += 1
         segments.append(
             Segment(
                 start_epoch=start,
                 end_epoch=end,
                 mode=mode,
-                recluster=clustered and start % recluster_every == 0,
-                num_clusters=num_learners if clustered else 1,
+                recluster=recluster,
+                num_clusters=clusters if clustered else 1,
             )
         )
         start = end
@@ -101,6 +108,7 @@ def plan_from_params(params) -> list[Segment]:  # noqa: ANN001 - dcml.config.Par
         c.divide_until_epoch,
         c.finetune_from_epoch,
         evaluate_every=params.eval.every_epochs,
+        hierarchical=c.hierarchical,
     )
 
 

@@ -28,6 +28,7 @@ class EpochStats:
     num_images: int
     seconds: float
     images_per_second: float
+    mask_penalty: float = 0.0  # mean decorrelation penalty per batch (model.learners: masks), in the loss
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -38,12 +39,14 @@ Batch = tuple[int | None, list[int]]  # (learner or None for the full embedding,
 
 
 def build_optimizer(model: nn.Module, loss: nn.Module, config: TrainConfig, beta_lr: float) -> torch.optim.Adam:
-    """Adam with backbone / embedding groups (and β when the loss has parameters)."""
+    """Adam with backbone / embedding groups (masks, and β when the loss has parameters)."""
     groups = model.parameter_groups()
     param_groups = [
         {"name": "backbone", "params": groups["backbone"], "lr": config.lr_backbone},
         {"name": "embedding", "params": groups["embedding"], "lr": config.lr_embedding},
     ]
+    if "masks" in groups:  # TPAMI'21 learner masks: own learning rate, no weight decay (as the authors)
+        param_groups.append({"name": "masks", "params": groups["masks"], "lr": config.lr_masks, "weight_decay": 0.0})
     loss_params = [p for p in loss.parameters() if p.requires_grad]
     if loss_params:
         param_groups.append({"name": "loss", "params": loss_params, "lr": beta_lr, "weight_decay": 0.0})
@@ -158,6 +161,9 @@ def train_epoch(
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     total_loss = torch.zeros((), device=device, dtype=torch.float64)  # summed on the device: no sync per step
+    total_penalty = torch.zeros((), device=device, dtype=torch.float64)
+    masks = getattr(model, "masks", None)
+    penalty_weight = model.config.mask_decorrelation if masks is not None else 0.0
     num_images, checked, start = 0, 0, time.perf_counter()
     for step, ((learner, _), (images, labels, _)) in enumerate(
         progress(zip(batches, loader, strict=True), len(batches))
@@ -168,8 +174,13 @@ def train_epoch(
         # labels stay on the CPU: the loss derives the batch's pair structure there, so
         # nothing in the step waits for the GPU (dcml.losses.sampling)
         loss = loss_fn(embeddings.float(), labels, generator=generator)
+        objective = loss
+        if penalty_weight > 0 and learner is not None:
+            penalty = model.masks.penalty(num_learners)
+            total_penalty += penalty.detach()
+            objective = loss + penalty_weight * penalty
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         optimizer.step()
         total_loss += loss.detach() * labels.shape[0]
         num_images += labels.shape[0]
@@ -185,6 +196,7 @@ def train_epoch(
         num_images=num_images,
         seconds=seconds,
         images_per_second=num_images / seconds if seconds > 0 else 0.0,
+        mask_penalty=float(total_penalty) / max(len(batches), 1),
     )
 
 

@@ -127,6 +127,9 @@ class Trainer:
         if self.epochs_done != segment.start_epoch:
             raise RuntimeError(f"trainer is at epoch {self.epochs_done}, segment starts at {segment.start_epoch}")
         t = self.params.train
+        if self.model.masks is not None and segment.mode == "divide":
+            # hierarchical division: children start from their parent's mask (no-op otherwise)
+            self.model.masks.grow(segment.num_clusters, self.optimizer)
         stats = []
         # one loader for the segment: its workers persist across epochs, the sampler changes
         sampler = EpochBatchSampler()
@@ -195,7 +198,9 @@ def _build_model(params: Params, device: torch.device, *, load_pretrained: bool)
     """The run's model on ``device`` (backend switches applied, channels_last if asked)."""
     configure_backend(params.train, device)
     model_config = params.model if load_pretrained else replace(params.model, pretrained="none")
-    model = Embedder(model_config, num_learners_init=params.cluster.num_learners).to(device)
+    model = Embedder(
+        model_config, num_learners_init=params.cluster.num_learners, hierarchical=params.cluster.hierarchical
+    ).to(device)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -12,10 +12,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dcml.clustering import kmeans_seed
-from dcml.division import all_data, divide
+from dcml.division import all_data, next_division
 from dcml.evaluate import evaluate_embeddings
 from dcml.schedule import Segment
-from dcml.train import EpochStats
 from dcml.trainer import Trainer
 from tasks import io, retention
 from tasks.layout import RunLayout
@@ -75,15 +74,8 @@ def cluster(
     params = run_params(layout)
     vectors, labels, _, _ = io.read_embeddings(embeddings)
     before = io.read_division(previous) if previous else None
-    keep_previous = before is not None and before.num_clusters == num_clusters
-    division = divide(
-        vectors,
-        labels,
-        num_clusters,
-        params.cluster,
-        seed=kmeans_seed(params.seed, division_index),
-        previous=before.assignment if keep_previous else None,
-    )
+    seed = kmeans_seed(params.seed, division_index)
+    division = next_division(vectors, labels, num_clusters, params.cluster, seed=seed, previous=before)
     io.write_division(path, division, labels, epoch=epoch, division_index=division_index)
     retention.prune_run(layout, params)  # the train embeddings are consumed
     return str(path)
@@ -100,10 +92,6 @@ def train(run_dir: str, checkpoint: str, division: str | None, segment: Segment)
     bundle = bundle_for(params)
     trainer = Trainer.from_checkpoint(checkpoint, device_for(params), params=params)
     learners_data = io.read_division(division) if division else all_data(len(bundle.splits.train))
-
-    def write_stats(stats: EpochStats) -> None:
-        io.write_json(layout.epoch_stats(stats.epoch), {**stats.as_dict(), "mode": segment.mode})
-
     trainer.train_segment(  # one loader for the whole segment: its workers persist across epochs
         segment,
         bundle.train,

@@ -8,7 +8,7 @@ import torch
 from dcml.config import ClusterConfig
 from dcml.data import build_bundle, load_splits
 from dcml.division import all_data, divide
-from dcml.fit import next_division
+from dcml.fit import division_for_step
 from dcml.schedule import Segment, Step
 from dcml.trainer import Trainer
 
@@ -56,12 +56,12 @@ def test_cluster_space_embedding_or_backbone(tiny_params, monkeypatch):
         seen["dim"] = embeddings.shape[1]
         return all_data(len(labels))
 
-    monkeypatch.setattr("dcml.fit.divide", spy)
+    monkeypatch.setattr("dcml.division.next_division", spy)
     step = Step(Segment(0, 1, "divide", True, 4), "new", 0, evaluate=True)
     for space, expected_dim in [("embedding", tiny_params.model.embedding_dim), ("backbone", None)]:
         params = dataclasses.replace(tiny_params, cluster=dataclasses.replace(tiny_params.cluster, space=space))
         trainer = Trainer.create(params, bundle.splits.train.num_classes, torch.device("cpu"))
-        next_division(trainer, bundle, step, None)
+        division_for_step(trainer, bundle, step, None)
         if expected_dim is None:
             assert seen["dim"] == trainer.model.embedding.in_features != tiny_params.model.embedding_dim
         else:

@@ -289,6 +289,34 @@ def test_paper_preset_is_valid(name):
     assert params.cluster.num_learners == (4 if name in ("cub200", "cars196") else 8)
 
 
+TPAMI_KEYS = {
+    ("model", "learners"): "masks",
+    ("model", "mask_init"): "ones",
+    ("model", "mask_decorrelation"): 1.0,
+    ("train", "lr_masks"): 1e-5,
+    ("cluster", "hierarchical"): True,
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tpami_preset_is_the_paper_preset_with_the_tpami_learners(name):
+    """tpami-<name> = paper-<name> + masks + hierarchical division (+ d=512 on SOP)."""
+    paper = yaml.safe_load((PRESETS / f"paper-{name}.yaml").read_text())
+    tpami = yaml.safe_load((PRESETS / f"tpami-{name}.yaml").read_text())
+    bad = [path for path in _key_paths(tpami) if not _valid_path(Params, path)]
+    assert not bad, f"unknown keys in tpami-{name}.yaml: {bad}"
+    params = params_from_dict(_deep_merge(to_dict(Params()), tpami))
+    for (section, key), value in TPAMI_KEYS.items():
+        assert getattr(getattr(params, section), key) == value, (section, key)
+        tpami[section].pop(key)
+    if name == "sop":
+        assert tpami["model"].pop("embedding_dim") == 512
+        paper["model"].pop("embedding_dim")
+    assert tpami == paper
+    k = params.cluster.num_learners
+    assert k & (k - 1) == 0  # hierarchical: a power of two
+
+
 # ---- real copies (skipped unless an environment variable points to one) --------------------
 
 PUBLISHED = {

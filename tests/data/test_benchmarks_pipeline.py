@@ -12,17 +12,24 @@ from tests.conftest import REPO_ROOT
 from tests.data import fake_benchmarks
 
 
+@pytest.mark.parametrize("variant", ["cvpr", "tpami"])
 @pytest.mark.parametrize("name", ["cub200", "cars196", "sop", "inshop", "vehicleid"])
-def test_fit_runs_on_each_benchmark_layout(tmp_path, name):
+def test_fit_runs_on_each_benchmark_layout(tmp_path, name, variant):
     getattr(fake_benchmarks, f"make_{name}")(tmp_path / name)
     base = load_params(REPO_ROOT / "params.yaml")
     r = dataclasses.replace
     params = r(
         base,
         data=r(base.data, dataset=name, root=str(tmp_path / name), image_size=16, resize_size=18),
-        model=r(base.model, embedding_dim=16),
+        model=r(base.model, embedding_dim=16, learners="masks" if variant == "tpami" else "slices"),
         train=r(base.train, epochs=1, batch_size=8, images_per_class=2, device="cpu"),
-        cluster=r(base.cluster, num_learners=2, divide_until_epoch=1, finetune_from_epoch=1),
+        cluster=r(
+            base.cluster,
+            num_learners=2,
+            divide_until_epoch=1,
+            finetune_from_epoch=1,
+            hierarchical=variant == "tpami",
+        ),
         eval=r(base.eval, recall_ks=(1, 2)),
         sweep=r(base.sweep, num_learners=(1, 2)),
     )
