@@ -14,6 +14,9 @@ from sklearn.metrics import normalized_mutual_info_score
 from dcml.faiss_backend import faiss, flat_l2_index, resolve_use_gpu
 
 _INT32_MAX = 2**31 - 1
+# sklearn's normalized_mutual_info_score normalisation, for every NMI we report (test NMI
+# and the NMI between consecutive divisions); papers using "geometric" report other values
+NMI_AVERAGE_METHOD = "arithmetic"
 
 
 def kmeans_seed(run_seed: int, division_index: int) -> int:
@@ -193,7 +196,7 @@ def assignment_nmi(previous: np.ndarray, current: np.ndarray) -> float:
     previous = np.asarray(previous, dtype=np.int64)
     current = np.asarray(current, dtype=np.int64)
     valid = previous >= 0
-    return float(normalized_mutual_info_score(previous[valid], current[valid]))
+    return float(normalized_mutual_info_score(previous[valid], current[valid], average_method=NMI_AVERAGE_METHOD))
 
 
 def ensure_trainable(

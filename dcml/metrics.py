@@ -13,10 +13,14 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
-from dcml.clustering import kmeans
+from dcml.clustering import NMI_AVERAGE_METHOD, kmeans
 from dcml.faiss_backend import flat_l2_index
 
 DEFAULT_CHUNK_SIZE = 8192
+# NMI's normaliser (dcml.clustering.NMI_AVERAGE_METHOD), passed to sklearn explicitly:
+# "arithmetic" (sklearn's default since 0.22) divides I(labels; clusters) by the mean of
+# the two entropies. Other papers' tables may use "geometric" (the default before 0.22);
+# `dcml evaluate` prints the method and every MLflow run has it as a tag.
 # Cap on one chunk's (rows x k) neighbour block: 2**25 entries = 384 MiB of float32 + int64.
 _MAX_BLOCK_ENTRIES = 2**25
 
@@ -325,12 +329,13 @@ def nmi(
     labels: np.ndarray,
     *,
     seed: int = 0,
-    average_method: str = "arithmetic",
+    average_method: str = NMI_AVERAGE_METHOD,
     niter: int = 20,
     use_gpu: bool | None = None,
 ) -> float:
     """sklearn NMI between ``labels`` (n,) and a faiss k-means of ``embeddings`` (n, d)
-    into as many clusters as there are distinct labels."""
+    into as many clusters as there are distinct labels, normalised by ``average_method``
+    (the pipeline's: :data:`NMI_AVERAGE_METHOD`)."""
     embeddings = _as_matrix(embeddings, "embeddings")
     labels = _check_labels(embeddings, labels, "embeddings")
     num_classes = len(np.unique(labels))

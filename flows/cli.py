@@ -1,4 +1,4 @@
-"""The ``dcml`` command: train, sweep, evaluate, data tools and the scheduled deployment."""
+"""The ``dcml`` command: train, sweep, compare, evaluate, data tools and the scheduled deployment."""
 
 from __future__ import annotations
 
@@ -39,15 +39,30 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     from dcml.data import build_bundle, load_splits
     from dcml.device import resolve_device
-    from dcml.evaluate import evaluate_embeddings
+    from dcml.evaluate import checkpoint_test_slices, evaluate_embeddings
+    from dcml.metrics import NMI_AVERAGE_METHOD
     from dcml.trainer import Trainer
 
     trainer = Trainer.for_inference(args.checkpoint, resolve_device(args.device))
-    data = trainer.params.data if args.data_root is None else replace(trainer.params.data, root=args.data_root)
+    params = trainer.params
+    data = params.data if args.data_root is None else replace(params.data, root=args.data_root)
     bundle = build_bundle(load_splits(data), data)
-    embeddings, labels, _ = trainer.embed(bundle.test, num_learners=args.num_learners)
-    metrics = evaluate_embeddings(embeddings, labels, bundle.splits, trainer.params.eval, seed=trainer.params.seed)
-    print(json.dumps({"checkpoint": args.checkpoint, "epoch": trainer.epochs_done, **metrics}, indent=2))
+    # by default the checkpoint's own test embedding, as the pipeline evaluated it
+    slices = checkpoint_test_slices(params, trainer.epochs_done) if args.num_learners is None else args.num_learners
+    embeddings, labels, _ = trainer.embed(bundle.test, num_learners=slices)
+    metrics = evaluate_embeddings(embeddings, labels, bundle.splits, params.eval, seed=params.seed)
+    if "nmi" in metrics:
+        metrics["nmi_average_method"] = NMI_AVERAGE_METHOD
+    report = {"checkpoint": args.checkpoint, "epoch": trainer.epochs_done, "num_slices": slices, **metrics}
+    print(json.dumps(report, indent=2))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from tasks.report import compare_runs, finished_run_dirs
+
+    run_dirs = finished_run_dirs(args.out, args.run_dirs)
+    metrics = compare_runs.fn(args.out, run_dirs)  # the plain function: no Prefect server
+    print(json.dumps({"metrics": metrics, "runs": run_dirs}, indent=2))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -117,8 +132,10 @@ def parser() -> argparse.ArgumentParser:
         "--num-learners",
         "-k",
         type=int,
-        default=1,
-        help="slices to normalise separately (K while dividing; 1 after fine-tuning)",
+        default=None,
+        help="slices to normalise separately (default: as the pipeline evaluated this checkpoint — under "
+        "eval.embedding: schedule K while dividing, 1 after; K under slices; 1 under full or with "
+        "model.learners: masks)",
     )
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.set_defaults(func=_evaluate)
@@ -140,6 +157,15 @@ def parser() -> argparse.ArgumentParser:
         "--vehicleid-test-size", type=int, choices=[800, 1600, 2400], help="VehicleID: one test list (default all)"
     )
     inspect.set_defaults(func=_inspect)
+
+    compare = commands.add_parser(
+        "compare", help="compare finished runs (mean ± std per variant, paired differences to K=1) into OUT"
+    )
+    compare.add_argument("--out", default="outputs", help="where the comparison goes; its runs/ by default")
+    compare.add_argument(
+        "run_dirs", nargs="*", metavar="RUN_DIR", help="run folders (default: every finished one under OUT/runs)"
+    )
+    compare.set_defaults(func=_compare)
 
     serve = commands.add_parser("deploy", help="register the sweep as a scheduled deployment on a process work pool")
     common(serve)

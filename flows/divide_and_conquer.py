@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 
 from dcml.atomic import remove_stale_temp_files
 from dcml.config import ConfigError, Params, load_params, with_num_learners
-from dcml.evaluate import test_slices
+from dcml.evaluate import checkpoint_test_slices
 from dcml.schedule import steps_from_params
 from tasks import provenance, report, retention, tracking, training
 from tasks.layout import RunLayout, run_name
@@ -76,8 +76,9 @@ def divide_and_conquer(
             checkpoint, resume = training.init_model(run_dir), 0
         else:
             checkpoint = str(layout.checkpoint(resume))
-        _evaluate(params, layout, run_id, checkpoint, 0, params.cluster.num_learners, resume)
+        _evaluate(params, layout, run_id, checkpoint, 0, resume)
         division: str | None = None
+        train_metrics = TRAIN_METRICS + (["mask_penalty"] if params.model.learners == "masks" else [])
         for step in steps:
             segment = step.segment
             if step.division == "all":
@@ -95,9 +96,9 @@ def divide_and_conquer(
                 checkpoint = training.train(run_dir, checkpoint, division, segment)
             for epoch in range(segment.start_epoch, segment.end_epoch):
                 stats = str(layout.epoch_stats(epoch))
-                tracking.log_metrics_from(params, run_id, epoch + 1, stats, "train", state, TRAIN_METRICS)
+                tracking.log_metrics_from(params, run_id, epoch + 1, stats, "train", state, train_metrics)
             if step.evaluate:
-                _evaluate(params, layout, run_id, checkpoint, segment.end_epoch, segment.num_learners, resume)
+                _evaluate(params, layout, run_id, checkpoint, segment.end_epoch, resume)
         test_embeddings = str(layout.embeddings("test", params.train.epochs))
         final = report.summarize_run(run_dir, name, test_embeddings)
         retention.prune_run(layout, params)  # also when all work was done
@@ -137,11 +138,12 @@ def _to_compute(output: Path, epoch: int, resume: int) -> bool:
     return True
 
 
-def _evaluate(
-    params: Params, layout: RunLayout, run_id: str, checkpoint: str, epoch: int, learners: int, resume: int
-) -> None:
+def _evaluate(params: Params, layout: RunLayout, run_id: str, checkpoint: str, epoch: int, resume: int) -> None:
+    """Evaluate the checkpoint after ``epoch`` epochs. Its test embedding's slices follow
+    from ``epoch`` (:func:`dcml.evaluate.checkpoint_test_slices`, as ``dcml evaluate`` and
+    the logged model have them)."""
     if _to_compute(layout.evaluation(epoch), epoch, resume):
-        slices = test_slices(params.eval, learners, params.cluster.num_learners)
+        slices = checkpoint_test_slices(params, epoch)
         embeddings = training.embed(str(layout.root), checkpoint, "test", epoch, slices)
         training.evaluate(str(layout.root), embeddings, epoch)
     tracking.log_metrics_from(params, run_id, epoch, str(layout.evaluation(epoch)), "test", str(layout.tracking_state))

@@ -66,10 +66,15 @@ def sweep(
             results = [one(point) for point in points]
         run_dirs = {run_name(k, s): r["run_dir"] for (k, s), r in zip(points, results, strict=True)}
         metrics_path = report.compare_runs(out_dir, run_dirs)
+        tracking.log_summary(params, parent_id, report.summary_of(metrics_path), str(parent_state))
         tracking.log_artifacts(
             params,
             parent_id,
-            {"comparison": str(Path(out_dir) / "comparison.md"), "plots": str(Path(out_dir) / "plots")},
+            {
+                "comparison": str(Path(out_dir) / "comparison.md"),
+                "summary": str(Path(out_dir) / "summary.csv"),
+                "plots": str(Path(out_dir) / "plots"),
+            },
             str(parent_state),
         )
         tracking.end_run(params, parent_id, "sweep")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -13,6 +14,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dcml.atomic import atomic_path  # noqa: E402
+from tasks.stats import describe  # noqa: E402
 
 
 def _save(figure: plt.Figure, path: str | Path) -> Path:
@@ -74,20 +76,40 @@ def retrieval_grid(
     return _save(figure, path)
 
 
-def recall_vs_k(rows: Sequence[dict[str, float]], path: str | Path, key: str = "recall@1") -> Path:
-    """Final ``key`` against K (mean ± std over seeds); rows have ``num_learners`` and ``key``."""
-    ks = sorted({int(row["num_learners"]) for row in rows})
-    values = [[100 * row[key] for row in rows if int(row["num_learners"]) == k] for k in ks]
+def recall_vs_k(rows: Sequence[dict[str, Any]], path: str | Path, key: str = "recall@1") -> Path:
+    """Final ``key`` against K, one line per variant family (mean ± sample std over seeds).
+
+    Rows have ``num_learners``, ``key`` and optionally ``variant`` (``tasks.report.variant_label``,
+    e.g. ``K=4 masks``); the family is the variant without ``K=<k>`` (``slices`` when
+    nothing is left). K=1, the baseline, is the first point of every family.
+    """
+    points: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        k = int(row["num_learners"])
+        family = str(row.get("variant", f"K={k}")).removeprefix(f"K={k}").strip() or "slices"
+        points.setdefault("" if k == 1 else family, {}).setdefault(k, []).append(100 * row[key])
+    baseline = points.pop("", {})
+    names = sorted(points, key=lambda name: (name != "slices", name))  # slices (CVPR'19) first
+    families = {name: {**baseline, **points[name]} for name in names} or {"K=1": baseline}
+    ks = sorted({k for by_k in families.values() for k in by_k})
     figure, axis = plt.subplots(figsize=(5, 4))
-    axis.errorbar(
-        [str(k) for k in ks],
-        [np.mean(v) for v in values],
-        yerr=[np.std(v) for v in values],
-        marker="o",
-        capsize=4,
-    )
-    axis.set(xlabel="K (learners)", ylabel=key.replace("recall", "R") + " (%)", title=f"{key} vs K")
+    for offset, (name, by_k) in enumerate(families.items()):
+        xs = sorted(by_k)
+        described = [describe(by_k[k]) for k in xs]
+        axis.errorbar(
+            [ks.index(k) + 0.06 * (offset - (len(families) - 1) / 2) for k in xs],
+            [d["mean"] for d in described],
+            yerr=[d["std"] or 0.0 for d in described],
+            marker="o",
+            capsize=4,
+            label=name,
+        )
+    one_seed = any(len(values) == 1 for by_k in families.values() for values in by_k.values())
+    title = f"{key} vs K (mean ± std over seeds)" + ("\n1 seed: no error bars" if one_seed else "")
+    axis.set_xticks(range(len(ks)), [str(k) for k in ks])
+    axis.set(xlabel="K (learners)", ylabel=key.replace("recall", "R") + " (%)", title=title)
     axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
     return _save(figure, path)
 
 

@@ -13,8 +13,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dcml.atomic import write_text_atomic
+from dcml.config import ConfigError, Params
 from dcml.metrics import knn
-from tasks import io, plots
+from tasks import io, plots, stats
 from tasks.layout import RunLayout
 from tasks.runs import bundle_for, run_params
 
@@ -81,17 +82,21 @@ def summarize_run(run_dir: str, run_name: str, final_test_embeddings: str) -> di
 
 @task(name="compare-runs", task_run_name="compare-runs", cache_policy=NO_CACHE)
 def compare_runs(out_dir: str, run_dirs: dict[str, str]) -> str:
-    """Sweep table (CSV + Markdown), ``metrics.json`` for DVC, R@1-vs-K and R@1-vs-epoch plots."""
+    """Per-run table and per-variant summary over seeds (CSV + Markdown), ``metrics.json``
+    for DVC (per run, ``summary``, ``vs_K1``), R@1-vs-K and R@1-vs-epoch plots."""
     out = Path(out_dir)
     finals = {label: io.read_json(RunLayout(Path(d)).final_metrics) for label, d in run_dirs.items()}
+    variants = {label: variant_label(run_params(RunLayout(Path(d)))) for label, d in run_dirs.items()}
     curves = {label: _rows(Path(d) / "history", "eval-epoch-*.json") for label, d in run_dirs.items()}
-    rows = [{"run": label, **metrics} for label, metrics in finals.items()]
+    rows = [{"run": label, "variant": variants[label], **metrics} for label, metrics in finals.items()]
+    result = _rounded(stats.summarize(variant_groups(rows)))
     write_csv(out / "comparison.csv", rows)
-    write_text_atomic(out / "comparison.md", markdown_table(rows))
-    io.write_json(out / "metrics.json", {label: _dvc_metrics(m) for label, m in finals.items()})
+    write_csv(out / "summary.csv", summary_rows(result))
+    write_text_atomic(out / "comparison.md", markdown_table(rows) + summary_markdown(result))
+    io.write_json(out / "metrics.json", {**{label: _dvc_metrics(m) for label, m in finals.items()}, **result})
     for label, evaluations in curves.items():
         write_csv(out / "plots" / "curves" / f"{label}.csv", evaluations)
-    plots.recall_vs_k(list(finals.values()), out / "plots" / "recall_vs_k.png")
+    plots.recall_vs_k(rows, out / "plots" / "recall_vs_k.png")
     plots.recall_vs_epoch(curves, out / "plots" / "recall_vs_epoch.png")
     return str(out / "metrics.json")
 
@@ -102,12 +107,144 @@ def _dvc_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Runs as rows, metrics in percent as columns (recall@k by k first)."""
-    keys = ["run", "num_learners", "seed"] + sorted(
-        {k for row in rows for k in row if k.startswith(("recall@", "nmi", "map@r"))},
-        key=lambda k: (not k.startswith("recall@"), int(k[7:]) if k.startswith("recall@") else 0, k),
+    labels = ["run", "num_learners", "seed", "variant"]
+    keys = labels + sorted(
+        {k for row in rows for k in row if k.startswith(("recall@", "nmi", "map@r"))}, key=stats.metric_order
     )
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:
-        cells = [str(row.get(k, "")) if k in keys[:3] else f"{100 * row[k]:.2f}" for k in keys]
+        cells = [str(row.get(k, "")) if k in labels else f"{100 * row[k]:.2f}" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+NO_INTERVAL = "one seed: no interval available; add seeds (sweep.seeds) for error bars"
+
+
+def variant_label(params: Params) -> str:
+    """``K=1`` (the baseline), else ``K=<k>`` [`` masks``] [`` hierarchical``]."""
+    k = params.cluster.num_learners
+    if k == 1:
+        return stats.BASELINE
+    return " ".join(
+        [f"K={k}"]
+        + (["masks"] if params.model.learners == "masks" else [])
+        + (["hierarchical"] if params.cluster.hierarchical else [])
+    )
+
+
+def variant_groups(rows: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """variant → seed → a run's final metrics, variants by K; one run per (variant, seed)."""
+    groups: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in sorted(rows, key=lambda r: (int(r["num_learners"]), r["variant"], int(r["seed"]))):
+        by_seed = groups.setdefault(row["variant"], {})
+        seed = int(row["seed"])
+        if seed in by_seed:
+            raise ConfigError(
+                f"two runs of variant {row['variant']!r} with seed {seed} ({by_seed[seed]['run']} and "
+                f"{row['run']}): pairing by seed needs one run per variant and seed; pass the run folders to compare"
+            )
+        by_seed[seed] = row
+    return groups
+
+
+def finished_run_dirs(out_dir: str, run_dirs: Sequence[str] = ()) -> dict[str, str]:
+    """Folder name → folder: ``run_dirs``, else every finished run (with its final
+    metrics file) under ``<out_dir>/runs``; ``ConfigError`` when there is nothing to compare."""
+    if run_dirs:
+        folders = [Path(d) for d in run_dirs]
+        for folder in folders:
+            if not RunLayout(folder).final_metrics.is_file():
+                raise ConfigError(f"{folder}: no final metrics ({RunLayout(folder).final_metrics}): not a finished run")
+    else:
+        runs = Path(out_dir) / "runs"
+        found = runs.iterdir() if runs.is_dir() else []
+        folders = sorted(f for f in found if f.is_dir() and RunLayout(f).final_metrics.is_file())
+        if not folders:
+            raise ConfigError(f"no finished runs under {runs} (a finished run folder holds metrics.json)")
+    names = [f.name for f in folders]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate:
+        raise ConfigError(f"two run folders named {duplicate}: pass each run once")
+    return {folder.name: str(folder) for folder in folders}
+
+
+def summary_of(metrics_path: str) -> dict[str, Any]:
+    """The ``summary`` and ``vs_K1`` sections of a comparison's ``metrics.json``."""
+    metrics = io.read_json(metrics_path)
+    return {"summary": metrics["summary"], "vs_K1": metrics["vs_K1"]}
+
+
+def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per variant: ``<metric>_mean/_std/_n``, then ``_diff_vs_K1/_diff_std/_ci_low/_ci_high/_n_paired``."""
+    rows = []
+    for variant, by_metric in result["summary"].items():
+        row: dict[str, Any] = {"variant": variant}
+        for metric, s in by_metric.items():
+            row |= {f"{metric}_mean": s["mean"], f"{metric}_std": s["std"], f"{metric}_n": s["n"]}
+        for metric, d in result["vs_K1"].get(variant, {}).items():
+            row |= {
+                f"{metric}_diff_vs_K1": d["diff"],
+                f"{metric}_diff_std": d["std"],
+                f"{metric}_ci_low": d["ci_low"],
+                f"{metric}_ci_high": d["ci_high"],
+                f"{metric}_n_paired": d["n"],
+            }
+        rows.append(row)
+    return rows
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    """Mean ± std per variant, and each variant's paired difference to K=1 (percent)."""
+    summary, versus = result["summary"], result["vs_K1"]
+    metrics = sorted({m for by_metric in summary.values() for m in by_metric}, key=stats.metric_order)
+    lines = ["", "### mean ± std over n seeds (%)", "", _row(["variant", "n", *metrics]), _rule(2 + len(metrics))]
+    for variant, by_metric in summary.items():
+        n = max((s["n"] for s in by_metric.values()), default=0)
+        lines.append(_row([variant, str(n), *(_mean_std(by_metric.get(m)) for m in metrics)]))
+    lines += ["", f"### difference to {stats.BASELINE}, paired by seed, 95 % t-interval (percentage points)", ""]
+    if not versus:
+        lines.append(f"no variant to compare with {stats.BASELINE} (needs {stats.BASELINE} runs and K > 1 runs)")
+        return "\n".join(lines) + "\n"
+    lines += [_row(["variant", "n", *metrics]), _rule(2 + len(metrics))]
+    for variant, by_metric in versus.items():
+        n = max((d["n"] for d in by_metric.values()), default=0)
+        lines.append(_row([variant, str(n), *(_difference(by_metric.get(m)) for m in metrics)]))
+    if any(d["n"] == 1 for by_metric in versus.values() for d in by_metric.values()):
+        lines += ["", NO_INTERVAL]
+    if any(d["n"] == 0 for by_metric in versus.values() for d in by_metric.values()):
+        lines += ["", f"no seed in common with {stats.BASELINE}: no paired difference"]
+    return "\n".join(lines) + "\n"
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _rule(columns: int) -> str:
+    return "|" + "---|" * columns
+
+
+def _percent(value: float, sign: bool = False) -> str:
+    return f"{100 * value:{'+' if sign else ''}.2f}".replace("-", "\N{MINUS SIGN}")
+
+
+def _mean_std(s: dict[str, Any] | None) -> str:
+    if s is None or s["mean"] is None:
+        return ""
+    return _percent(s["mean"]) + ("" if s["std"] is None else f" ± {_percent(s['std'])}")
+
+
+def _difference(d: dict[str, Any] | None) -> str:
+    if d is None or d["diff"] is None:
+        return "no paired seeds"
+    if d["ci_low"] is None:
+        return f"{_percent(d['diff'], sign=True)} (no interval)"
+    return f"{_percent(d['diff'], sign=True)} [{_percent(d['ci_low'], sign=True)}, {_percent(d['ci_high'], sign=True)}]"
+
+
+def _rounded(value: Any) -> Any:
+    """Floats rounded to 5 decimals, recursively (as the per-run metrics)."""
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 5) if isinstance(value, float) else value

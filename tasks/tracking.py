@@ -24,8 +24,9 @@ from mlflow.utils.time import get_current_time_millis
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from dcml.clustering import NMI_AVERAGE_METHOD
 from dcml.config import Params, flatten
-from dcml.trainer import Trainer
+from dcml.inference import TestEmbedder
 from tasks import io, provenance
 
 PIP_REQUIREMENTS = ["torch>=2.4", "torchvision>=0.19", "numpy>=1.26"]
@@ -108,6 +109,7 @@ def start_run(params: Params, run_name: str, state_file: str, parent_run_id: str
             "dataset": params.data.dataset,
             "dataset_version": provenance.dvc_version(params.data.root),
             "num_learners": str(params.cluster.num_learners),
+            "nmi_average_method": NMI_AVERAGE_METHOD,
         }
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -201,10 +203,14 @@ def log_artifacts(params: Params, run_id: str, files: dict[str, str], state_file
 @task(name="log-model", task_run_name="log-model", retries=1, cache_policy=NO_CACHE)
 def log_model(params: Params, run_id: str, checkpoint: str, state_file: str) -> None:
     """Final model via ``mlflow.pytorch.log_model``: pt2 export of ``images -> embedding``
-    with a signature and explicit pip requirements (inference of requirements is slow)."""
+    with a signature and explicit pip requirements (inference of requirements is slow).
+
+    The embedding is the checkpoint's test embedding, as the pipeline evaluated it
+    (:class:`dcml.inference.TestEmbedder`: its number of separately normalised slices,
+    also in the model's metadata as ``num_slices``)."""
     if _is_done(state_file, "model"):
         return
-    model = Trainer.for_inference(checkpoint, device=torch.device("cpu")).model.eval()
+    model = TestEmbedder.from_checkpoint(checkpoint, torch.device("cpu"))
     size = params.data.image_size
     example = np.zeros((2, 3, size, size), dtype=np.float32)
     with torch.no_grad():
@@ -218,6 +224,7 @@ def log_model(params: Params, run_id: str, checkpoint: str, state_file: str) -> 
             input_example=example,
             pip_requirements=PIP_REQUIREMENTS,
             serialization_format="pt2",
+            metadata={"num_slices": model.num_slices},
         )
     _mark_done(state_file, "model")
 
@@ -239,3 +246,33 @@ def mark_failed(params: Params, run_id: str, run_name: str) -> None:
         client(params).set_terminated(run_id, status="FAILED")
     except Exception as error:  # noqa: BLE001 - the original error matters more
         logging.getLogger(__name__).warning("could not mark MLflow run %s (%s) failed: %s", run_name, run_id, error)
+
+
+@task(name="log-summary", task_run_name="log-summary", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def log_summary(params: Params, run_id: str, summary: dict[str, Any], state_file: str) -> None:
+    """A comparison's statistics over seeds (``tasks.report.summary_of``) on the sweep's
+    parent run at step 0: ``<variant>/<metric>_mean`` and ``_std``, and for K > 1
+    ``_diff_vs_K1``, ``_ci_low``, ``_ci_high``; ``K=4 masks`` becomes ``K4_masks`` and
+    ``recall@1`` ``recall_at_1`` (MLflow names allow neither ``=`` nor ``@``). Numbers
+    that do not exist (one seed: no std, no interval) are not logged."""
+    fields = {
+        "summary": {"mean": "mean", "std": "std"},
+        "vs_K1": {"diff": "diff_vs_K1", "ci_low": "ci_low", "ci_high": "ci_high"},
+    }
+    numbers = {}
+    for section, suffixes in fields.items():
+        for variant, by_metric in summary[section].items():
+            prefix = variant.replace("=", "").replace(" ", "_")
+            for metric, values in by_metric.items():
+                for field, suffix in suffixes.items():
+                    if values[field] is not None and np.isfinite(values[field]):
+                        numbers[f"{prefix}/{_metric_key(metric)}_{suffix}"] = float(values[field])
+    key = "summary:" + hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
+    if _is_done(state_file, key):
+        return
+    now = get_current_time_millis()
+    batch = [Metric(name, value, now, 0) for name, value in sorted(numbers.items())]
+    mlflow_client = client(params)
+    for start in range(0, len(batch), 1000):  # MLflow's limit per batch
+        mlflow_client.log_batch(run_id, metrics=batch[start : start + 1000])
+    _mark_done(state_file, key)

@@ -157,4 +157,4 @@ def test_scheduled_sweep_deployment_runs_on_a_process_worker(prefect_server, tin
     assert state == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
     assert crons == "['0 3 * * *']"
     metrics = yaml.safe_load((out / "metrics.json").read_text())
-    assert set(metrics) == {"K1-seed0", "K4-seed0"}
+    assert set(metrics) == {"K1-seed0", "K4-seed0", "summary", "vs_K1"}

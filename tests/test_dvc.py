@@ -61,7 +61,7 @@ def test_dvc_repro_runs_the_sweep_and_leaves_the_pipeline_up_to_date(project):
     assert "up to date" in sh("dvc", "status", cwd=root, env=env)
     metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=root, env=env))
     values = next(iter(metrics.values()))["data"]["outputs/metrics.json"]["data"]
-    assert set(values) == {"K1-seed0", "K4-seed0"} and 0 < values["K4-seed0"]["recall@1"] <= 1
+    assert set(values) == {"K1-seed0", "K4-seed0", "summary", "vs_K1"} and 0 < values["K4-seed0"]["recall@1"] <= 1
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["sweep"]
     assert lock["params"]["params.yaml"]["cluster"]["num_learners"] == 4
     assert any(dep["path"] == "data/demo" for dep in lock["deps"])

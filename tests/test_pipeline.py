@@ -100,7 +100,7 @@ def test_run_files_parquet_and_plots(sweep_result):
     for name in ("recall_curve.png", "cluster_sizes.png", "retrieval_grid.png"):
         assert (k4 / "plots" / name).read_bytes()[:4] == b"\x89PNG"
     metrics = io.read_json(folder / "outputs" / "metrics.json")
-    assert set(metrics) == {"K1-seed0", "K4-seed0"} and 0 < metrics["K4-seed0"]["recall@1"] <= 1
+    assert set(metrics) == {"K1-seed0", "K4-seed0", "summary", "vs_K1"} and 0 < metrics["K4-seed0"]["recall@1"] <= 1
     assert "| K4-seed0 | 4 | 0 |" in (folder / "outputs" / "comparison.md").read_text()
     assert (folder / "outputs" / "plots" / "recall_vs_k.png").exists()
     assert not list(folder.rglob("*.tmp"))  # atomic writes leave no temp files
