@@ -42,7 +42,9 @@ def cluster_sizes(divisions: Sequence[tuple[int, np.ndarray]], path: str | Path)
     figure, axis = plt.subplots(figsize=(6, 4))
     if divisions:
         epochs = [str(epoch) for epoch, _ in divisions]
-        sizes = np.stack([s for _, s in divisions])  # (divisions, K)
+        # (divisions, K); a hierarchical division has fewer clusters at first: padded with 0
+        width = max(len(s) for _, s in divisions)
+        sizes = np.stack([np.pad(s, (0, width - len(s))) for _, s in divisions])
         bottom = np.zeros(len(divisions))
         for learner in range(sizes.shape[1]):
             axis.bar(epochs, sizes[:, learner], bottom=bottom, label=f"learner {learner}")

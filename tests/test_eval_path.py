@@ -164,3 +164,33 @@ def test_logged_model_is_the_checkpoints_test_embedding(runs):
         np.testing.assert_allclose(logged(images).numpy(), expected, rtol=1e-5, atol=1e-6)
         one_slice = module.model(images, num_learners=1).numpy()
     assert not np.allclose(expected, one_slice, atol=1e-4)  # what was logged before: a different embedding
+
+
+@pytest.fixture(scope="module")
+def tpami_run(tiny_demo_root, tmp_path_factory):
+    """K=4 with masks and hierarchical division through the Prefect flow: divisions of
+    1, 2 and 4 clusters at epochs 0, 1, 2; the model logged to MLflow."""
+    folder = tmp_path_factory.mktemp("tpami")
+    params = shrink(load_params(REPO_ROOT / "params.yaml"), tiny_demo_root, f"sqlite:///{folder / 'mlflow.db'}")
+    params = replace(
+        params,
+        model={"learners": "masks"},
+        cluster={"hierarchical": True, "divide_until_epoch": 3, "finetune_from_epoch": 3},
+        eval={"every_epochs": 3},
+        tracking={"log_model": True},
+    )
+    return train(folder / "run", params), params
+
+
+def test_a_tpami_run_through_the_flow_grows_its_divisions_and_evaluates_like_dcml_evaluate(tpami_run, capsys):
+    layout, params = tpami_run
+    sizes = [io.read_division(layout.division(epoch)).num_clusters for epoch in range(3)]
+    assert sizes == [1, 2, 4]
+    assert io.read_division(layout.division(2)).stats["learner_kept"] > 0.5  # children stay in their parent
+    assert (layout.plots / "cluster_sizes.png").read_bytes()[:4] == b"\x89PNG"
+    written = io.read_json(layout.evaluation(3))
+    printed = cli_evaluate(layout.checkpoint(3), capsys)
+    assert written["num_slices"] == printed["num_slices"] == 1  # masks: the full embedding
+    assert {k: printed[k] for k in METRICS} == pytest.approx({k: written[k] for k in METRICS}, abs=1e-6)
+    stats = [io.read_json(layout.epoch_stats(epoch)) for epoch in range(3)]
+    assert stats[0]["mask_penalty"] == 0.0 and stats[1]["mask_penalty"] > 0  # one mask, then two
