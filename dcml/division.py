@@ -62,29 +62,45 @@ def split_in_two(
     embeddings: np.ndarray,
     labels: np.ndarray,
     parents: np.ndarray,
+    num_parents: int,
     config: ClusterConfig,
     *,
     seed: int,
     previous: np.ndarray | None = None,
     use_gpu: bool | None = None,
+    trials: int = 10,
 ) -> Division:
-    """Hierarchical division: 2-means inside each cluster of ``parents`` (n,) in 0..c-1;
-    cluster ``j``'s halves become clusters ``2j`` and ``2j + 1`` of the 2c-cluster division
-    (so child ``2j + 1`` starts from learner ``j``'s mask or the second half of its slice).
+    """Hierarchical division: 2-means inside each of the ``num_parents`` clusters of
+    ``parents`` (n,); cluster ``j``'s halves become clusters ``2j`` and ``2j + 1`` (so child
+    ``2j + 1`` starts from learner ``j``'s mask or the second half of its slice).
+
+    As in the authors' code, a split whose halves cannot both train (each needs two classes
+    with two images) is redrawn with another seed, up to ``trials`` times; only if none
+    works do the guards move classes (possibly across parents, counted in ``learner_kept``).
     """
     parents = np.asarray(parents, dtype=np.int64)
-    num_parents = int(parents.max()) + 1
     assignment = 2 * parents
     for parent in range(num_parents):
         members = np.flatnonzero(parents == parent)
-        if members.size >= 2:
-            halves = _kmeans(embeddings[members], 2, config, seed=(seed + 7919 * (parent + 1)) % 2**31, use_gpu=use_gpu)
-            assignment[members] += halves
+        if members.size < 2:
+            continue
+        for trial in range(trials):
+            trial_seed = (seed + 7919 * (parent + 1) + 104729 * trial) % 2**31
+            halves = _kmeans(embeddings[members], 2, config, seed=trial_seed, use_gpu=use_gpu)
+            if all(_trainable_classes(labels[members][halves == half]) >= 2 for half in (0, 1)):
+                break
+        assignment[members] = 2 * parent + halves
     division = _finish(assignment, labels, 2 * num_parents, None)
     if previous is not None:
         division.stats["nmi_to_previous"] = clustering.assignment_nmi(previous, division.assignment)
         division.stats["learner_kept"] = _kept(previous, division.assignment // 2)
     return division
+
+
+def _trainable_classes(labels: np.ndarray) -> int:
+    """Classes with at least two images (a positive pair)."""
+    _, counts = np.unique(labels, return_counts=True)
+    return int((counts >= 2).sum())
 
 
 def next_division(
@@ -110,7 +126,9 @@ def next_division(
             parents = _kmeans(embeddings, parents_k, config, seed=seed, use_gpu=use_gpu)
             if before is not None and parents_k > 1:
                 parents = clustering.match_clusters(before, parents, num_clusters=parents_k)
-            return split_in_two(embeddings, labels, parents, config, seed=seed, previous=before, use_gpu=use_gpu)
+            return split_in_two(
+                embeddings, labels, parents, parents_k, config, seed=seed, previous=before, use_gpu=use_gpu
+            )
     keep_previous = previous is not None and previous.num_clusters == num_clusters
     return divide(
         embeddings,

@@ -39,8 +39,15 @@ class LearnerMasks(nn.Module):
         elif init != "ones":
             raise ValueError(f"unknown mask init {init!r}")
         self.weight = nn.Parameter(weight)
-        # number of active masks; saved in checkpoints so a resumed run knows what was split
-        self.register_buffer("level", torch.tensor(1 if hierarchical else num_learners, dtype=torch.int64))
+        # number of active masks, a Python int (reading a GPU tensor would sync every step);
+        # saved in checkpoints as extra state, so a resumed run knows what was split
+        self.level = 1 if hierarchical else num_learners
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"level": self.level}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.level = int(state["level"])
 
     @property
     def num_learners(self) -> int:
@@ -50,8 +57,8 @@ class LearnerMasks(nn.Module):
         """Row of the (K, d) parameter used by ``cluster`` of ``num_clusters`` active clusters."""
         if num_clusters < 1 or self.num_learners % num_clusters or not 0 <= cluster < num_clusters:
             raise ValueError(f"cluster {cluster} of {num_clusters} does not map onto {self.num_learners} masks")
-        if num_clusters > int(self.level):
-            raise ValueError(f"{num_clusters} clusters but only {int(self.level)} masks are active (grow first)")
+        if num_clusters > self.level:
+            raise ValueError(f"{num_clusters} clusters but only {self.level} masks are active (grow first)")
         return cluster * (self.num_learners // num_clusters)
 
     def apply(self, raw: torch.Tensor, num_clusters: int, cluster: int) -> torch.Tensor:
@@ -59,9 +66,10 @@ class LearnerMasks(nn.Module):
         return raw * F.relu(self.weight[self.row(num_clusters, cluster)])
 
     def active(self, num_clusters: int) -> torch.Tensor:
-        """(c, d) relu'd masks of the ``num_clusters`` active clusters."""
-        rows = [self.row(num_clusters, j) for j in range(num_clusters)]
-        return F.relu(self.weight[rows])
+        """(c, d) relu'd masks of the ``num_clusters`` active clusters (rows 0, K/c, 2K/c, ...)."""
+        stride = self.row(num_clusters, 1) if num_clusters > 1 else self.num_learners
+        self.row(num_clusters, num_clusters - 1)  # checks the level
+        return F.relu(self.weight[::stride])
 
     def penalty(self, num_clusters: int) -> torch.Tensor:
         """Mean pairwise cosine similarity of the active relu'd masks (0 with one mask)."""
@@ -79,8 +87,8 @@ class LearnerMasks(nn.Module):
         if num_clusters > self.num_learners or self.num_learners % num_clusters:
             raise ValueError(f"cannot grow {self.num_learners} masks to {num_clusters} clusters")
         state = optimizer.state.get(self.weight, {}) if optimizer is not None else {}
-        while int(self.level) < num_clusters:
-            level = int(self.level)
+        while self.level < num_clusters:
+            level = self.level
             stride = self.num_learners // (2 * level)
             for parent in range(level):
                 source = parent * 2 * stride  # == self.row(level, parent)
@@ -89,4 +97,4 @@ class LearnerMasks(nn.Module):
                 for value in state.values():
                     if isinstance(value, torch.Tensor) and value.shape == self.weight.shape:
                         value[target] = value[source]
-            self.level.fill_(2 * level)
+            self.level = 2 * level

@@ -174,7 +174,9 @@ class Embedder(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(config.dropout)
         self.embedding = nn.Linear(num_features, config.embedding_dim)
-        init_embedding_blocks(self.embedding, num_learners_init)
+        # masks need not divide d into K blocks: then the layer is initialised as one block
+        blocks = num_learners_init if config.embedding_dim % num_learners_init == 0 else 1
+        init_embedding_blocks(self.embedding, blocks)
         self.masks: LearnerMasks | None = None
         if config.learners == "masks":
             self.masks = LearnerMasks(

@@ -32,6 +32,7 @@ class Segment:
     mode: Mode
     recluster: bool
     num_clusters: int
+    division_index: int = -1  # the division its batches come from (-1: all data, finetune)
 
     @property
     def num_learners(self) -> int:
@@ -81,8 +82,8 @@ def plan(
             if start < boundary < end:
                 end = boundary
         clustered = mode != "finetune"
-        recluster = clustered and start % recluster_every == 0
-        if clustered and (recluster or divisions == 0):
+        recluster = clustered and (start % recluster_every == 0 or divisions == 0)
+        if recluster:
             clusters = min(2**divisions, num_learners) if hierarchical else num_learners
             divisions += 1
         segments.append(
@@ -92,6 +93,7 @@ def plan(
                 mode=mode,
                 recluster=recluster,
                 num_clusters=clusters if clustered else 1,
+                division_index=divisions - 1 if clustered else -1,
             )
         )
         start = end
@@ -141,16 +143,10 @@ def evaluates_at(epoch: int, epochs: int, every: int) -> bool:
 def steps(segments: list[Segment], epochs: int, evaluate_every: int) -> list[Step]:
     """The segments of :func:`plan` annotated with their division source and evaluation."""
     out: list[Step] = []
-    divisions = 0
     for segment in segments:
-        if segment.mode == "finetune":
-            source, index = "all", -1
-        elif segment.recluster or divisions == 0:
-            source, index = "new", divisions
-            divisions += 1
-        else:
-            source, index = "previous", divisions - 1
-        out.append(Step(segment, source, index, evaluates_at(segment.end_epoch, epochs, evaluate_every)))
+        source = "all" if segment.mode == "finetune" else "new" if segment.recluster else "previous"
+        evaluate = evaluates_at(segment.end_epoch, epochs, evaluate_every)
+        out.append(Step(segment, source, segment.division_index, evaluate))
     return out
 
 

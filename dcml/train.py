@@ -45,8 +45,9 @@ def build_optimizer(model: nn.Module, loss: nn.Module, config: TrainConfig, beta
         {"name": "backbone", "params": groups["backbone"], "lr": config.lr_backbone},
         {"name": "embedding", "params": groups["embedding"], "lr": config.lr_embedding},
     ]
-    if "masks" in groups:  # TPAMI'21 learner masks: own learning rate, no weight decay (as the authors)
-        param_groups.append({"name": "masks", "params": groups["masks"], "lr": config.lr_masks, "weight_decay": 0.0})
+    if "masks" in groups:  # TPAMI'21 learner masks: own learning rate and weight decay
+        group = {"name": "masks", "params": groups["masks"], "lr": config.lr_masks}
+        param_groups.append({**group, "weight_decay": config.mask_weight_decay})
     loss_params = [p for p in loss.parameters() if p.requires_grad]
     if loss_params:
         param_groups.append({"name": "loss", "params": loss_params, "lr": beta_lr, "weight_decay": 0.0})

@@ -13,10 +13,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dcml.atomic import write_text_atomic
-from dcml.config import ConfigError, Params
+from dcml.config import LEARNER_VARIANT_KEYS, ConfigError, Params, flatten
 from dcml.metrics import knn
 from tasks import io, plots, stats
-from tasks.layout import RunLayout
+from tasks.layout import NOT_RESULT_KEYS, RunLayout
 from tasks.runs import bundle_for, run_params
 
 
@@ -86,7 +86,9 @@ def compare_runs(out_dir: str, run_dirs: dict[str, str]) -> str:
     for DVC (per run, ``summary``, ``vs_K1``), R@1-vs-K and R@1-vs-epoch plots."""
     out = Path(out_dir)
     finals = {label: io.read_json(RunLayout(Path(d)).final_metrics) for label, d in run_dirs.items()}
-    variants = {label: variant_label(run_params(RunLayout(Path(d)))) for label, d in run_dirs.items()}
+    run_settings = {label: run_params(RunLayout(Path(d))) for label, d in run_dirs.items()}
+    check_comparable(run_settings)
+    variants = {label: variant_label(params) for label, params in run_settings.items()}
     curves = {label: _rows(Path(d) / "history", "eval-epoch-*.json") for label, d in run_dirs.items()}
     rows = [{"run": label, "variant": variants[label], **metrics} for label, metrics in finals.items()]
     result = _rounded(stats.summarize(variant_groups(rows)))
@@ -131,6 +133,28 @@ def variant_label(params: Params) -> str:
         + (["masks"] if params.model.learners == "masks" else [])
         + (["hierarchical"] if params.cluster.hierarchical else [])
     )
+
+
+VARIANT_KEYS = ("seed", "cluster.num_learners", *LEARNER_VARIANT_KEYS)
+
+
+def check_comparable(run_settings: dict[str, Params]) -> None:
+    """Runs are compared (and paired by seed) only if nothing but seed, K and the learner
+    variant differs; otherwise ``ConfigError`` naming the first differing key."""
+    settings = {}
+    for label, params in run_settings.items():
+        flat = {k: v for k, v in flatten(params).items() if k not in VARIANT_KEYS}
+        settings[label] = {k: v for k, v in flat.items() if not k.startswith(NOT_RESULT_KEYS)}
+    (first, reference), *others = settings.items()
+    for label, values in others:
+        differing = sorted(k for k in reference.keys() | values.keys() if reference.get(k) != values.get(k))
+        if differing:
+            key = differing[0]
+            raise ConfigError(
+                f"runs {first} and {label} differ in {key} ({reference.get(key)!r} vs {values.get(key)!r}"
+                f"{f' and {len(differing) - 1} more keys' if len(differing) > 1 else ''}): only seed, K and the "
+                "learner variant (masks, hierarchical) may differ between compared runs"
+            )
 
 
 def variant_groups(rows: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dcml.config import ConfigError, validate, with_num_learners
 from dcml.data import build_bundle, load_splits
-from dcml.division import divide
+from dcml.division import all_data, next_division
 from dcml.losses import build_loss
 from dcml.masks import LearnerMasks
 from dcml.model import Embedder, learner_slice
@@ -40,7 +40,7 @@ def test_indicator_masks_with_lambda_0_and_frozen_masks_train_exactly_like_slice
     sliced = Embedder(sliced_params.model, num_learners_init=K)
     masked = Embedder(masked_params.model, num_learners_init=K)
     missing = masked.load_state_dict(sliced.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["masks.level", "masks.weight"]
+    assert sorted(missing) == ["masks._extra_state", "masks.weight"]
     for model in (sliced, masked):
         model.dropout.p = 0.0
     optimizers = [
@@ -135,26 +135,40 @@ def test_full_embedding_ignores_the_masks_and_masks_are_their_own_optimiser_grou
     assert groups["masks"]["params"][0] is model.masks.weight
 
 
-def test_masks_train_are_checkpointed_and_resume_bit_identically(tmp_path, tiny_params):
-    params = masks_params(tiny_params)
+def test_hierarchical_masks_are_checkpointed_and_a_resume_grows_them_bit_identically(tmp_path, tiny_params):
+    """Segment 1 trains one mask on all data; segment 2 splits into two clusters (the
+    child copies the mask): resuming between the two equals the uninterrupted run."""
+    cluster = r(tiny_params.cluster, hierarchical=True, divide_until_epoch=3, finetune_from_epoch=3)
+    params = r(masks_params(tiny_params), cluster=cluster)
     bundle = build_bundle(load_splits(params.data), params.data)
     labels = bundle.splits.train.labels
-    first, second = Segment(0, 1, "divide", True, 4), Segment(1, 2, "divide", False, 4)
+    first, second = Segment(0, 1, "divide", True, 1, 0), Segment(1, 2, "divide", True, 2, 1)
     trainer = Trainer.create(params, bundle.splits.train.num_classes, CPU)
     initial = trainer.model.masks.weight.detach().clone()
-    embeddings, _, _ = trainer.embed(bundle.train_eval, num_learners=4)
-    division = divide(embeddings, labels, 4, params.cluster, seed=0)
-    stats = trainer.train_segment(first, bundle.train, labels, division)
-    assert 0 < stats[0].mask_penalty <= 1
-    assert not torch.equal(trainer.model.masks.weight, initial)  # the masks learn
+    stats = trainer.train_segment(first, bundle.train, labels, all_data(len(labels)))
+    assert stats[0].mask_penalty == 0.0  # one mask: nothing to decorrelate
+    assert not torch.equal(trainer.model.masks.weight[0], initial[0])  # the mask learns
     path = trainer.save(tmp_path / "epoch-1.pt")
+    embeddings, _, _ = trainer.embed(bundle.train_eval)
+    division = next_division(embeddings, labels, 2, params.cluster, seed=1, previous=all_data(len(labels)))
     trainer.train_segment(second, bundle.train, labels, division)
+    assert trainer.model.masks.level == 2
 
     resumed = Trainer.from_checkpoint(path, CPU)
+    assert resumed.model.masks.level == 1
     resumed.train_segment(second, bundle.train, labels, division)
-    for key, value in trainer.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key
-    assert "masks.weight" in trainer.model.state_dict()
+    state, expected = resumed.model.state_dict(), trainer.model.state_dict()
+    assert state.keys() == expected.keys() and state["masks._extra_state"] == {"level": 2}
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, state[key]), key
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(
+            resumed.optimizer.state[resumed.model.masks.weight][key],
+            trainer.optimizer.state[trainer.model.masks.weight][key],
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_config_rules_for_masks_and_hierarchical_division(tiny_params):

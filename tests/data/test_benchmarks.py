@@ -292,8 +292,9 @@ def test_paper_preset_is_valid(name):
 TPAMI_KEYS = {
     ("model", "learners"): "masks",
     ("model", "mask_init"): "ones",
-    ("model", "mask_decorrelation"): 1.0,
-    ("train", "lr_masks"): 1e-5,
+    ("model", "mask_decorrelation"): 0.01,
+    ("train", "lr_masks"): 1e-3,
+    ("train", "mask_weight_decay"): 1e-4,
     ("cluster", "hierarchical"): True,
 }
 
