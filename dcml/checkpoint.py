@@ -9,6 +9,7 @@ which a GPU ``map_location`` would break, costing host syncs at every step).
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +84,76 @@ def load_checkpoint(path: str | Path, *, model_only: bool = False) -> dict[str, 
 
     ``model_only`` memory-maps the file, so the optimiser state (two thirds of a
     ResNet-50 checkpoint) is never read; only model, config and epoch are returned.
-    Raises :class:`CheckpointError` naming the file when it is missing, truncated or not
-    a dcml checkpoint.
+    Raises :class:`CheckpointError` naming the file and saying what it is not: missing,
+    empty, not a torch file, a truncated or damaged one, or a torch file that is not a
+    dcml checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    problem = _not_a_torch_zip(path)
+    if problem:
+        raise CheckpointError(f"{path} is {problem}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=model_only)
     except Exception as error:  # zip/pickle errors of every kind: name the file instead
-        raise CheckpointError(f"{path} is not a readable dcml checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
-        raise CheckpointError(f"{path} is not a dcml checkpoint (expected keys {list(REQUIRED_KEYS)})")
+        raise CheckpointError(
+            f"{path} is not a readable dcml checkpoint: a damaged torch file ({type(error).__name__}: {error})"
+        ) from None
+    missing = [key for key in REQUIRED_KEYS if key not in state] if isinstance(state, dict) else list(REQUIRED_KEYS)
+    if not missing:
+        if not isinstance(state["config"], dict):
+            missing.append("config (a mapping of params)")
+        if not isinstance(state["extra"], dict) or "num_train_classes" not in state["extra"]:
+            missing.append("extra.num_train_classes")
+    if missing:
+        raise CheckpointError(
+            f"{path} is a torch file but not a dcml checkpoint: it lacks {', '.join(missing)} "
+            f"(checkpoints written by dcml training hold {', '.join(REQUIRED_KEYS)})"
+        )
     if model_only:
         return {key: state[key] for key in REQUIRED_KEYS}
     return state
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """:func:`load_checkpoint` after checking every stored record against its CRC-32.
+
+    ``torch.load`` does not check the checksums its zip archive carries, so a checkpoint
+    damaged inside its tensor data (not cut short) would load with wrong weights; this
+    reads the whole file once more to catch that. For files a run depends on (resume,
+    the final checkpoint); raises :class:`CheckpointError` naming the file.
+    """
+    path = Path(path)
+    if path.is_file() and not _not_a_torch_zip(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except Exception as error:  # noqa: BLE001 - a damaged archive fails in many ways
+            damaged = f"? ({type(error).__name__}: {error})"
+        if damaged is not None:
+            raise CheckpointError(
+                f"{path} is not a readable dcml checkpoint: a damaged torch file (record {damaged} does not "
+                "match its checksum)"
+            )
+    return load_checkpoint(path)
+
+
+def _not_a_torch_zip(path: Path) -> str | None:
+    """What ``path`` is instead of a torch file (``torch.save`` writes a zip archive), or None.
+
+    Checked before ``torch.load``, whose errors for these cases are misleading (a memory-
+    mapped load of a truncated file asks to re-save it "with the new zipfile serialization").
+    """
+    if path.stat().st_size == 0:
+        return "not a dcml checkpoint: the file is empty (0 bytes)"
+    with path.open("rb") as file:
+        head = file.read(4)
+    if head != b"PK\x03\x04":
+        return "not a dcml checkpoint: not a torch file (torch.save writes a zip archive, this file is none)"
+    if not zipfile.is_zipfile(path):
+        return (
+            "not a readable dcml checkpoint: a truncated or damaged torch file (its zip archive has no "
+            "central directory: the file was cut short)"
+        )
+    return None

@@ -22,6 +22,12 @@ class ConfigError(ValueError):
     """A parameter is unknown, missing, mistyped or inconsistent; the message names it."""
 
 
+# Seeds must be valid for every consumer: faiss (k-means, NMI) stores the seed in a C
+# ``int`` (< 2**31) and seeds from the clock when it is negative; numpy's generators
+# (``default_rng``) take non-negative integers only; torch takes [-2**63, 2**64).
+SEED_LIMIT = 2**31
+
+
 @dataclass(frozen=True)
 class SplitConfig:
     """Class-disjoint train/test split for class-folder data.
@@ -97,7 +103,8 @@ class TrainConfig:
     images_per_class: int = 4
     lr_backbone: float = 1e-5
     lr_embedding: float = 1e-5
-    lr_masks: float = 1e-5  # model.learners: masks — their own Adam group, without weight decay
+    lr_masks: float = 1e-5  # model.learners: masks — their own Adam group
+    mask_weight_decay: float = 0.0  # weight decay of the masks' group (the authors' default: none)
     weight_decay: float = 1e-4
     lr_decay_gamma: float = 1.0  # multiplicative LR decay per epoch; 1.0 = none
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -180,12 +187,17 @@ def load_params(path: str | Path, *, resolve_preset: bool = True) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem or error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     if resolve_preset:
-        raw = apply_preset(raw)
-    return params_from_dict(raw)
+        return params_from_dict(apply_preset(raw))
+    return params_from_stored(raw)
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -231,6 +243,25 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
     params = _build(Params, raw, prefix="")
     validate(params)
     return params
+
+
+def params_from_stored(raw: dict[str, Any]) -> Params:
+    """Params a run or checkpoint stored (already resolved). Keys added to dcml after they
+    were written take their defaults — the behaviour the run had (e.g. ``model.learners:
+    slices``) — so older runs stay readable; unknown keys still fail."""
+    return params_from_dict(_with_defaults(raw, to_dict(Params())))
+
+
+def _with_defaults(raw: Any, defaults: dict[str, Any]) -> Any:
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for key, default in defaults.items():
+        if key not in out:
+            out[key] = default
+        elif isinstance(default, dict):
+            out[key] = _with_defaults(out[key], default)
+    return out
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -318,9 +349,10 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
             "they would stay at their initial values (set freeze_bn: false)",
         ),
         (0 < t.lr_decay_gamma <= 1, "train.lr_decay_gamma must be in (0, 1]"),
-        (c.num_learners >= 1, "cluster.num_learners must be >= 1"),
+        (c.num_learners >= 1, f"cluster.num_learners (-k) must be >= 1, got {c.num_learners}"),
+        (_valid_seed(params.seed), f"seed must be in [0, 2**31) (faiss and numpy seeds), got {params.seed}"),
         (
-            not needs_divisible_dim(m) or m.embedding_dim % c.num_learners == 0,
+            c.num_learners < 1 or not needs_divisible_dim(m) or m.embedding_dim % c.num_learners == 0,
             f"model.embedding_dim ({m.embedding_dim}) must be divisible by cluster.num_learners ({c.num_learners})",
         ),
         (
@@ -329,7 +361,17 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
             f"({c.num_learners}) must be a power of two",
         ),
         (m.mask_decorrelation >= 0, "model.mask_decorrelation must be >= 0"),
-        (t.lr_masks >= 0, "train.lr_masks must be >= 0"),
+        (
+            not (m.learners == "masks" and m.mask_init == "slices" and c.hierarchical),
+            "model.mask_init: slices is not defined with cluster.hierarchical (masks would start as K "
+            "slices while fewer clusters exist); use mask_init: ones",
+        ),
+        (
+            not (m.learners == "masks" and params.eval.embedding == "slices"),
+            "eval.embedding: slices needs model.learners: slices (masks have no slices; their test "
+            "embedding is the normalised full embedding)",
+        ),
+        (t.lr_masks >= 0 and t.mask_weight_decay >= 0, "train.lr_masks and train.mask_weight_decay must be >= 0"),
         (c.recluster_every >= 1, "cluster.recluster_every must be >= 1"),
         (
             0 <= c.divide_until_epoch <= c.finetune_from_epoch <= t.epochs,
@@ -368,11 +410,25 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
+    for seed in params.sweep.seeds:
+        if not _valid_seed(seed):
+            raise ConfigError(f"sweep.seeds: {seed} is not in [0, 2**31) (faiss and numpy seeds)")
     for k in params.sweep.num_learners:
-        if k < 1 or (needs_divisible_dim(m) and m.embedding_dim % k):
+        if k < 1:
+            raise ConfigError(f"sweep.num_learners: {k} must be >= 1")
+        if needs_divisible_dim(m) and m.embedding_dim % k:
             raise ConfigError(f"sweep.num_learners: {k} does not divide model.embedding_dim ({m.embedding_dim})")
         if c.hierarchical and not _is_power_of_two(k):
             raise ConfigError(f"sweep.num_learners: {k} is not a power of two (cluster.hierarchical: true)")
+    for k in {c.num_learners, *params.sweep.num_learners}:
+        # the division with K clusters comes after log2(K) re-clusterings; learners must train on it
+        reached = (k.bit_length() - 1) * c.recluster_every
+        if c.hierarchical and k > 1 and reached >= c.divide_until_epoch:
+            raise ConfigError(
+                f"cluster.hierarchical: K={k} clusters exist from epoch {reached} (log2 K re-clusterings every "
+                f"cluster.recluster_every={c.recluster_every} epochs) but learners stop at "
+                f"cluster.divide_until_epoch={c.divide_until_epoch}; raise it or lower K / recluster_every"
+            )
     if num_train_classes is not None:
         check_against_data(params, num_train_classes)
 
@@ -384,6 +440,10 @@ def needs_divisible_dim(model: ModelConfig) -> bool:
 
 def _is_power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
+
+
+def _valid_seed(seed: int) -> bool:
+    return 0 <= seed < SEED_LIMIT
 
 
 def check_against_data(params: Params, num_train_classes: int, num_retrieval_items: int | None = None) -> None:
@@ -409,7 +469,10 @@ def check_against_data(params: Params, num_train_classes: int, num_retrieval_ite
 
 
 def to_dict(params: Params) -> dict[str, Any]:
-    """Nested plain dict (tuples as lists), the inverse of :func:`params_from_dict`."""
+    """Nested plain dict (tuples as lists), the inverse of :func:`params_from_dict` —
+    except that credentials in ``tracking.mlflow_uri`` are redacted (:func:`redact_uri`):
+    everything dcml writes or logs goes through here, and none of it may hold a password.
+    The connection uses ``params.tracking.mlflow_uri`` itself."""
 
     def convert(value: Any) -> Any:
         if isinstance(value, tuple):
@@ -421,7 +484,36 @@ def to_dict(params: Params) -> dict[str, Any]:
             return {f.name: walk(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
         return convert(obj)
 
-    return walk(params)
+    out = walk(params)
+    out["tracking"]["mlflow_uri"] = redact_uri(out["tracking"]["mlflow_uri"])
+    return out
+
+
+def redact_uri(uri: str) -> str:
+    """``scheme://user:password@host/...`` → ``scheme://***@host/...``; other URIs unchanged."""
+    user, host = _authority(uri)
+    return uri if user is None else uri.replace(f"{user}@{host}", f"***@{host}", 1)
+
+
+def split_uri_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``(uri without user info, user, password)``, both percent-decoded; ``None`` when absent."""
+    from urllib.parse import unquote
+
+    user, host = _authority(uri)
+    if user is None:
+        return uri, None, None
+    name, colon, password = user.partition(":")
+    return uri.replace(f"{user}@{host}", host, 1), unquote(name), unquote(password) if colon else None
+
+
+def _authority(uri: str) -> tuple[str | None, str]:
+    """``(user info or None, host)`` of a ``scheme://[user@]host/...`` URI."""
+    _, sep, rest = uri.partition("://")
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if not sep or "@" not in authority:
+        return None, authority
+    user, _, host = authority.rpartition("@")
+    return user, host
 
 
 def flatten(params: Params) -> dict[str, Any]:
@@ -439,6 +531,31 @@ def flatten(params: Params) -> dict[str, Any]:
     return out
 
 
+# The TPAMI'21 learner options: they act only with K > 1 and masks / hierarchical division
+# on. Keys of options that are off are left out of run keys (tasks.layout), reset for K=1
+# (with_num_learners) and may differ between compared runs (tasks.report).
+MASK_KEYS = (
+    "model.learners",
+    "model.mask_init",
+    "model.mask_decorrelation",
+    "train.lr_masks",
+    "train.mask_weight_decay",
+)
+HIERARCHY_KEYS = ("cluster.hierarchical",)
+LEARNER_VARIANT_KEYS = MASK_KEYS + HIERARCHY_KEYS
+
+
+def with_defaults_for(params: Params, keys: tuple[str, ...]) -> Params:
+    """``params`` with the dotted ``keys`` at their dataclass defaults."""
+    defaults = Params()
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(defaults, section), name)
+        updated = dataclasses.replace(getattr(params, section), **{name: value})
+        params = dataclasses.replace(params, **{section: updated})
+    return params
+
+
 def with_num_learners(params: Params, num_learners: int, seed: int | None = None) -> Params:
     """A copy for one sweep point (K, seed).
 
@@ -446,20 +563,12 @@ def with_num_learners(params: Params, num_learners: int, seed: int | None = None
     hierarchical division) are reset to their defaults, so the baseline of a TPAMI sweep
     is the same run (same run key, computed once) as that of a CVPR sweep.
     """
-    cluster = dataclasses.replace(params.cluster, num_learners=num_learners)
-    model, train = params.model, params.train
-    if num_learners == 1:
-        defaults, train_defaults = ModelConfig(), TrainConfig()
-        model = dataclasses.replace(
-            model,
-            learners=defaults.learners,
-            mask_init=defaults.mask_init,
-            mask_decorrelation=defaults.mask_decorrelation,
-        )
-        train = dataclasses.replace(train, lr_masks=train_defaults.lr_masks)
-        cluster = dataclasses.replace(cluster, hierarchical=False)
     new = dataclasses.replace(
-        params, model=model, train=train, cluster=cluster, seed=params.seed if seed is None else seed
+        params,
+        cluster=dataclasses.replace(params.cluster, num_learners=num_learners),
+        seed=params.seed if seed is None else seed,
     )
+    if num_learners == 1:
+        new = with_defaults_for(new, LEARNER_VARIANT_KEYS)
     validate(new)
     return new

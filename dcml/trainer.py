@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from dcml.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
-from dcml.config import Params, params_from_dict, to_dict
+from dcml.checkpoint import CheckpointError, load_checkpoint, restore_rng_states, save_checkpoint
+from dcml.config import ConfigError, Params, params_from_stored, to_dict
 from dcml.device import configure_backend, resolve_num_workers
 from dcml.division import Division
 from dcml.embed import embed_dataset
@@ -73,9 +73,9 @@ class Trainer:
         (e.g. ``data.num_workers``) may differ from the checkpoint's; default: the stored ones.
         """
         state = load_checkpoint(path)
-        params = params or params_from_dict(state["config"])
+        params = params or _stored_params(state, path)
         trainer = cls.create(params, state["extra"]["num_train_classes"], device, load_pretrained=False)
-        trainer.model.load_state_dict(state["model"])
+        _load_weights(trainer.model, state, path)
         trainer.loss.load_state_dict(state["loss"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         restore_rng_states(state["rng"], device)
@@ -88,9 +88,9 @@ class Trainer:
         (the file is memory-mapped) and no loss or optimiser is built. ``params`` as in
         :meth:`from_checkpoint`."""
         state = load_checkpoint(path, model_only=True)
-        params = params or params_from_dict(state["config"])
+        params = params or _stored_params(state, path)
         model = _build_model(params, device, load_pretrained=False)
-        model.load_state_dict(state["model"])
+        _load_weights(model, state, path)
         num_classes = state["extra"]["num_train_classes"]
         return cls(params, model.eval(), None, None, device, num_classes, epochs_done=state["epoch"])
 
@@ -192,6 +192,22 @@ class Trainer:
             channels_last=self.params.train.channels_last,
             progress=progress,
         )
+
+
+def _stored_params(state: dict, path: str | Path) -> Params:
+    """The params a checkpoint was trained with; :class:`CheckpointError` naming the file
+    when they are not valid params of this code."""
+    try:
+        return params_from_stored(state["config"])
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: its stored config is not valid dcml params ({error})") from None
+
+
+def _load_weights(model: Embedder, state: dict, path: str | Path) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path}: its weights do not fit the model its config describes ({error})") from None
 
 
 def _build_model(params: Params, device: torch.device, *, load_pretrained: bool) -> Embedder:

@@ -4,29 +4,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+
+# No telemetry from Prefect, MLflow or DVC, also outside `make` (the Makefile sets the
+# same); defaults only, so a user can opt in. Set before any of them is imported.
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+}
+for _key, _value in TELEMETRY_OFF.items():
+    os.environ.setdefault(_key, _value)
+
+INTERRUPTED = "dcml: interrupted; rerun the same command to continue from the newest checkpoint"
 
 
 def _train(args: argparse.Namespace) -> None:
     from dcml.config import load_params
     from flows.divide_and_conquer import divide_and_conquer
+    from flows.server import own_process_group
+    from flows.server_guard import install as guard_server
     from tasks.runs import preflight
 
     params = load_params(args.params)
     k = params.cluster.num_learners if args.num_learners is None else args.num_learners
     seed = params.seed if args.seed is None else args.seed
     preflight(args.params, [(k, seed)], args.out)
+    own_process_group()  # Prefect's temporary server: Ctrl-C reaches dcml only
+    guard_server()  # ... and it stops when dcml dies, also by kill -9 (flows/server_guard.py)
 
     result = divide_and_conquer(args.params, k, seed, args.out, fresh=args.fresh)
     print(json.dumps(result, indent=2, default=str))
 
 
 def _sweep(args: argparse.Namespace) -> None:
+    from flows.server import own_process_group
+    from flows.server_guard import install as guard_server
     from flows.sweep import sweep, sweep_points_of
     from tasks.runs import preflight
 
     preflight(args.params, sweep_points_of(args.params, args.num_learners, args.seeds), args.out)
+    own_process_group()
+    guard_server()
 
     result = sweep(
         args.params, args.out, args.num_learners, args.seeds, args.concurrent or None, not args.keep, args.fresh
@@ -37,6 +59,7 @@ def _sweep(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
+    from dcml.config import ConfigError
     from dcml.data import build_bundle, load_splits
     from dcml.device import resolve_device
     from dcml.evaluate import checkpoint_test_slices, evaluate_embeddings
@@ -49,6 +72,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     bundle = build_bundle(load_splits(data), data)
     # by default the checkpoint's own test embedding, as the pipeline evaluated it
     slices = checkpoint_test_slices(params, trainer.epochs_done) if args.num_learners is None else args.num_learners
+    if params.model.learners == "masks" and slices != 1:
+        raise ConfigError(f"{args.checkpoint} has learner masks, not slices: its test embedding is the full one (-k 1)")
     embeddings, labels, _ = trainer.embed(bundle.test, num_learners=slices)
     metrics = evaluate_embeddings(embeddings, labels, bundle.splits, params.eval, seed=params.seed)
     if "nmi" in metrics:
@@ -87,7 +112,9 @@ def _inspect(args: argparse.Namespace) -> None:
 
 def _deploy(args: argparse.Namespace) -> None:
     from flows.deploy import deploy_sweep
+    from flows.server_guard import install as guard_server
 
+    guard_server()  # a temporary server (no PREFECT_API_URL) stops when dcml dies
     deployment_id = deploy_sweep(args.name, args.pool, args.cron, args.params, args.out)
     print(f"deployment {args.name!r} ({deployment_id}) on work pool {args.pool!r}, schedule {args.cron!r}")
     print(f"start a worker with: prefect worker start --pool {args.pool}")
@@ -177,7 +204,31 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from flows.interrupt import deferred_while_prefect_runs
+
     args = parser().parse_args(argv)
+    try:
+        with deferred_while_prefect_runs():
+            return _run(args)
+    except BaseException as error:  # Ctrl-C, also during the imports: one line, not a traceback
+        if not _interrupted(error):
+            raise
+        print(INTERRUPTED, file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+
+
+def _interrupted(error: BaseException | None) -> bool:
+    """A KeyboardInterrupt, or an error raised while handling one (Prefect's own, at times)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _run(args: argparse.Namespace) -> int:
     from dcml.checkpoint import CheckpointError
     from dcml.config import ConfigError
     from dcml.data.errors import DatasetError

@@ -22,7 +22,7 @@ from dcml.atomic import remove_stale_temp_files
 from dcml.config import ConfigError, Params, load_params, with_num_learners
 from dcml.evaluate import checkpoint_test_slices
 from dcml.schedule import steps_from_params
-from tasks import provenance, report, retention, tracking, training
+from tasks import integrity, provenance, report, retention, tracking, training
 from tasks.layout import RunLayout, run_name
 from tasks.runs import data_summary, reset_run, run_key, validate_data, write_run_params
 
@@ -56,10 +56,11 @@ def divide_and_conquer(
     layout = RunLayout(run_folder(out_dir, params))
     if fresh:
         reset_run(layout)
+    steps, keep, logger = steps_from_params(params), params.train.keep_checkpoints, get_run_logger()
+    # every file a rerun reads is checked: unreadable ones are moved aside and recomputed
+    resume = integrity.recover(layout, steps, keep, logger)
     write_run_params(params, layout)
     remove_stale_temp_files(layout.root)  # left by a run killed mid-write
-    resume = layout.latest_checkpoint_epoch()
-    steps = steps_from_params(params)
     if resume not in {None, 0, *(step.segment.end_epoch for step in steps)}:
         raise ConfigError(
             f"{layout.checkpoint(resume)} does not end a segment of the current schedule (the code changed how "
@@ -99,6 +100,7 @@ def divide_and_conquer(
                 tracking.log_metrics_from(params, run_id, epoch + 1, stats, "train", state, train_metrics)
             if step.evaluate:
                 _evaluate(params, layout, run_id, checkpoint, segment.end_epoch, resume)
+        integrity.verify_final_checkpoint(layout, steps, keep, params.train.epochs, logger)
         test_embeddings = str(layout.embeddings("test", params.train.epochs))
         final = report.summarize_run(run_dir, name, test_embeddings)
         retention.prune_run(layout, params)  # also when all work was done
@@ -142,7 +144,8 @@ def _evaluate(params: Params, layout: RunLayout, run_id: str, checkpoint: str, e
     """Evaluate the checkpoint after ``epoch`` epochs. Its test embedding's slices follow
     from ``epoch`` (:func:`dcml.evaluate.checkpoint_test_slices`, as ``dcml evaluate`` and
     the logged model have them)."""
-    if _to_compute(layout.evaluation(epoch), epoch, resume):
+    lost = epoch == params.train.epochs and not layout.embeddings("test", epoch).exists()  # read by summarize
+    if _to_compute(layout.evaluation(epoch), epoch, resume) or lost:
         slices = checkpoint_test_slices(params, epoch)
         embeddings = training.embed(str(layout.root), checkpoint, "test", epoch, slices)
         training.evaluate(str(layout.root), embeddings, epoch)

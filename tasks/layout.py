@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dcml.config import HIERARCHY_KEYS, MASK_KEYS
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -36,6 +38,9 @@ class RunLayout:
 
     def evaluations(self) -> dict[int, Path]:
         return _by_epoch(self.root / "history", "eval-epoch-*.json")
+
+    def epoch_stats_files(self) -> dict[int, Path]:
+        return _by_epoch(self.root / "history", "train-epoch-*.json")
 
     @property
     def code_versions(self) -> Path:
@@ -75,6 +80,19 @@ class RunLayout:
 NOT_RESULT_KEYS = ("tracking", "sweep", "train.keep_checkpoints", "data.num_workers")
 
 
+# Options that are off leave the hash: their keys act only when switched on, so adding
+# such an option to dcml keeps the keys (and the resume) of every earlier run.
+INACTIVE_UNLESS = {("model", "learners", "masks"): MASK_KEYS, ("cluster", "hierarchical", True): HIERARCHY_KEYS}
+
+
+def _inactive_keys(params_dict: dict) -> tuple[str, ...]:
+    inactive: tuple[str, ...] = ()
+    for (section, key, active), keys in INACTIVE_UNLESS.items():
+        if params_dict.get(section, {}).get(key, None) != active:
+            inactive += keys
+    return inactive
+
+
 def params_digest(params_dict: dict, device_type: str = "cpu", data_version: str | None = None) -> str:
     """Short stable hash of what a run computes: the params that change its results.
 
@@ -89,7 +107,7 @@ def params_digest(params_dict: dict, device_type: str = "cpu", data_version: str
     ``data_version`` (``tasks.provenance.data_version``): a run never continues on other data.
     """
     relevant = json.loads(json.dumps(params_dict))  # a deep copy
-    for key in NOT_RESULT_KEYS:
+    for key in NOT_RESULT_KEYS + _inactive_keys(relevant):
         *parents, leaf = key.split(".")
         node = relevant
         for parent in parents:

@@ -78,6 +78,17 @@ def record_code_version(layout: RunLayout, from_epoch: int) -> list[dict[str, An
     return history
 
 
+def rewind_code_versions(layout: RunLayout, epoch: int) -> None:
+    """Forget the code versions that took over after ``epoch``: a run rewound to ``epoch``
+    (``tasks.integrity``) recomputes those epochs, and :func:`record_code_version` then
+    records the code that does."""
+    if layout.code_versions.is_file():
+        history = io.read_json(layout.code_versions)
+        kept = [entry for entry in history if entry["from_epoch"] <= epoch]
+        if kept != history:
+            io.write_json(layout.code_versions, kept)
+
+
 def dvc_version(data_root: str) -> str:
     """The DVC hash of the dataset folder, read from the ``.dvc`` file that tracks it
     (``data.dvc`` of the project, or ``<root>.dvc`` next to the folder); ``untracked``."""

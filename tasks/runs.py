@@ -59,14 +59,33 @@ def ensure_writable(folder: Path) -> None:
 
 
 def preflight(params_path: str, points: list[tuple[int, int]], out_dir: str) -> Params:
-    """Every check that needs no compute: params, dataset, K vs classes, output folder."""
+    """Every check that needs no compute, before any Prefect server starts: params (YAML,
+    keys, ranges — also of each point's K and seed), device, weights file, tracking URI,
+    dataset, K vs classes, output folder. Raises :class:`ConfigError` (exit status 2)."""
     from dcml.config import with_num_learners
+    from tasks.tracking import check_tracking_uri
 
     params = load_params(params_path)
-    for k, seed in points:
-        validate_data(with_num_learners(params, k, seed))
+    per_point = [with_num_learners(params, k, seed) for k, seed in points]  # K >= 1, seed range
+    check_environment(params)
+    check_tracking_uri(params.tracking.mlflow_uri)
+    for point in per_point:
+        validate_data(point)
     ensure_writable(Path(out_dir))
     return params
+
+
+def check_environment(params: Params) -> None:
+    """What the params ask of this machine: the device and a local weights file."""
+    try:
+        device_for(params)
+    except RuntimeError as error:  # train.device: cuda without CUDA
+        raise ConfigError(str(error)) from None
+    pretrained = params.model.pretrained
+    if pretrained not in ("imagenet", "none") and not Path(pretrained).expanduser().is_file():
+        raise ConfigError(
+            f"model.pretrained: weights file not found: {pretrained} (use 'imagenet', 'none' or a .pth file)"
+        )
 
 
 def run_key(params: Params) -> str:

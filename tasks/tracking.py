@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dcml.clustering import NMI_AVERAGE_METHOD
-from dcml.config import Params, flatten
+from dcml.config import ConfigError, Params, flatten, redact_uri, split_uri_credentials
 from dcml.inference import TestEmbedder
 from tasks import io, provenance
 
@@ -33,7 +34,45 @@ PIP_REQUIREMENTS = ["torch>=2.4", "torchvision>=0.19", "numpy>=1.26"]
 
 
 def client(params: Params) -> MlflowClient:
-    return MlflowClient(tracking_uri=params.tracking.mlflow_uri)
+    return MlflowClient(tracking_uri=connection_uri(params))
+
+
+def connection_uri(params: Params) -> str:
+    """The tracking URI handed to MLflow. Credentials in an http(s) URI move to
+    ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` (MLflow sends them as basic auth), so
+    that MLflow never prints them ("View run ... at <uri>")."""
+    uri = params.tracking.mlflow_uri
+    if not uri.lower().startswith(("http://", "https://")):
+        return uri  # database URIs need their credentials; MLflow does not print them
+    bare, user, password = split_uri_credentials(uri)
+    if user is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        if password is not None:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    return bare
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail unless MLflow has a tracking store for ``uri``'s scheme (its own registry,
+    plugins included) — before any server starts. Raises :class:`ConfigError`."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # MLflow's own registry
+    from mlflow.utils.uri import get_uri_scheme
+
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        schemes = sorted(s for s in _tracking_store_registry._registry if s)
+        raise ConfigError(
+            f"tracking.mlflow_uri: MLflow has no tracking store for {redact_uri(uri)!r}; use a file path or "
+            f"one of the schemes {schemes} (e.g. sqlite:///mlflow.db or http://host:5000)"
+        ) from None
+    is_file_store = uri not in {"databricks", "databricks-uc", "uc"} and get_uri_scheme(uri) in ("", "file")
+    if is_file_store and not MLFLOW_ALLOW_FILE_STORE.get():
+        raise ConfigError(
+            f"tracking.mlflow_uri: {uri!r} is a file store, which this MLflow refuses unless "
+            "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///mlflow.db instead"
+        )
 
 
 def experiment_id(params: Params) -> str:
@@ -63,7 +102,7 @@ def code_tags() -> dict[str, str]:
 
 def _state_matches(state: dict[str, Any], params: Params, parent_run_id: str | None) -> bool:
     return (
-        state.get("tracking_uri") == params.tracking.mlflow_uri
+        state.get("tracking_uri") == redact_uri(params.tracking.mlflow_uri)
         and state.get("parent_run_id") == parent_run_id
         and state.get("params_digest") == _digest(params)
     )
@@ -118,7 +157,7 @@ def start_run(params: Params, run_name: str, state_file: str, parent_run_id: str
         ).info.run_id
         state = {
             "run_id": run_id,
-            "tracking_uri": params.tracking.mlflow_uri,
+            "tracking_uri": redact_uri(params.tracking.mlflow_uri),  # never a password on disk
             "parent_run_id": parent_run_id,
             "params_digest": _digest(params),
             "done": [],
@@ -215,7 +254,7 @@ def log_model(params: Params, run_id: str, checkpoint: str, state_file: str) -> 
     example = np.zeros((2, 3, size, size), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
-    mlflow.set_tracking_uri(params.tracking.mlflow_uri)
+    mlflow.set_tracking_uri(connection_uri(params))
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
             model,
