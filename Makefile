@@ -73,7 +73,7 @@ worker: $(STAMP)  ## a process worker for the scheduled sweeps (needs PREFECT_AP
 	$(BIN)/prefect worker start --pool dcml-process
 
 deploy: $(STAMP)  ## register the nightly K sweep (needs PREFECT_API_URL)
-	$(BIN)/dcml deploy --cron "0 2 * * *"
+	$(BIN)/dcml deploy --cron "0 2 * * *" --timezone UTC
 
 mlflow-ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000 over ./mlflow.db
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

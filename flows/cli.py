@@ -23,36 +23,49 @@ INTERRUPTED = "dcml: interrupted; rerun the same command to continue from the ne
 
 
 def _train(args: argparse.Namespace) -> None:
-    from dcml.config import load_params
-    from flows.divide_and_conquer import divide_and_conquer
+    from dcml.config import load_params, with_num_learners
+    from flows.divide_and_conquer import divide_and_conquer, run_folder
     from flows.server import own_process_group
     from flows.server_guard import install as guard_server
+    from tasks import locks
+    from tasks.layout import RunLayout
     from tasks.runs import preflight
 
     params = load_params(args.params)
     k = params.cluster.num_learners if args.num_learners is None else args.num_learners
     seed = params.seed if args.seed is None else args.seed
-    preflight(args.params, [(k, seed)], args.out)
-    own_process_group()  # Prefect's temporary server: Ctrl-C reaches dcml only
-    guard_server()  # ... and it stops when dcml dies, also by kill -9 (flows/server_guard.py)
+    folder = run_folder(args.out, with_num_learners(preflight(args.params, [(k, seed)], args.out), k, seed))
+    # owned before the Prefect server starts (the flow holds it too: tasks/locks.py)
+    with locks.hold(RunLayout(folder).lock, str(folder), args.wait):
+        own_process_group()  # Prefect's temporary server: Ctrl-C reaches dcml only
+        guard_server()  # ... and it stops when dcml dies, also by kill -9 (flows/server_guard.py)
 
-    result = divide_and_conquer(args.params, k, seed, args.out, fresh=args.fresh)
+        result = divide_and_conquer(args.params, k, seed, args.out, fresh=args.fresh, wait=args.wait)
     print(json.dumps(result, indent=2, default=str))
 
 
 def _sweep(args: argparse.Namespace) -> None:
     from flows.server import own_process_group
     from flows.server_guard import install as guard_server
-    from flows.sweep import sweep, sweep_points_of
+    from flows.sweep import owning, sweep, sweep_points_of
     from tasks.runs import preflight
 
-    preflight(args.params, sweep_points_of(args.params, args.num_learners, args.seeds), args.out)
-    own_process_group()
-    guard_server()
+    points = sweep_points_of(args.params, args.num_learners, args.seeds)
+    params = preflight(args.params, points, args.out)
+    with owning(params, points, args.out, args.wait):  # its MLflow state and run folders, before the server starts
+        own_process_group()
+        guard_server()
 
-    result = sweep(
-        args.params, args.out, args.num_learners, args.seeds, args.concurrent or None, not args.keep, args.fresh
-    )
+        result = sweep(
+            args.params,
+            args.out,
+            args.num_learners,
+            args.seeds,
+            args.concurrent or None,
+            not args.keep,
+            args.fresh,
+            args.wait,
+        )
     print(json.dumps(result, indent=2, default=str))
 
 
@@ -115,8 +128,9 @@ def _deploy(args: argparse.Namespace) -> None:
     from flows.server_guard import install as guard_server
 
     guard_server()  # a temporary server (no PREFECT_API_URL) stops when dcml dies
-    deployment_id = deploy_sweep(args.name, args.pool, args.cron, args.params, args.out)
-    print(f"deployment {args.name!r} ({deployment_id}) on work pool {args.pool!r}, schedule {args.cron!r}")
+    deployment_id = deploy_sweep(args.name, args.pool, args.cron, args.params, args.out, args.timezone)
+    schedule = f"{args.cron!r} ({args.timezone})"
+    print(f"deployment {args.name!r} ({deployment_id}) on work pool {args.pool!r}, schedule {schedule}")
     print(f"start a worker with: prefect worker start --pool {args.pool}")
 
 
@@ -134,6 +148,12 @@ def parser() -> argparse.ArgumentParser:
             action="store_true",
             help="start over: delete the run folder(s) of these params first. Without it a rerun continues "
             "from the newest checkpoint, also after a code change (the code version is recorded per epoch range)",
+        )
+        sub.add_argument(
+            "--wait",
+            action="store_true",
+            help="when another process is running the same run (or sweep) in OUT, wait until it ends, then "
+            "continue from what it left (default: exit with status 2, naming that process)",
         )
 
     train = commands.add_parser("train", help="one Divide-and-Conquer run (Prefect flow)")
@@ -199,6 +219,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="k-sweep", help="deployment name")
     serve.add_argument("--pool", default="dcml-process", help="process work pool (created if missing)")
     serve.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: every day at 02:00)")
+    serve.add_argument("--timezone", default="UTC", help="IANA time zone the cron schedule is read in (default: UTC)")
     serve.set_defaults(func=_deploy)
     return main
 
@@ -232,10 +253,11 @@ def _run(args: argparse.Namespace) -> int:
     from dcml.checkpoint import CheckpointError
     from dcml.config import ConfigError
     from dcml.data.errors import DatasetError
+    from tasks.locks import BusyError
 
     try:
         args.func(args)
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as error:
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError, BusyError) as error:
         print(f"dcml: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -2,19 +2,22 @@
 
 prefect server start --host 127.0.0.1            # terminal 1 (UI at http://127.0.0.1:4200)
 export PREFECT_API_URL=http://127.0.0.1:4200/api
-dcml deploy --cron "0 2 * * *"                     # creates pool + deployment
+dcml deploy --cron "0 2 * * *" --timezone UTC     # creates pool + deployment
 prefect worker start --pool dcml-process           # terminal 2: runs scheduled sweeps
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
+from prefect.schedules import Cron
 from prefect.utilities.asyncutils import run_coro_as_sync
 
+from dcml.config import ConfigError
 from flows.sweep import sweep
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -34,18 +37,21 @@ def deploy_sweep(
     cron: str | None = "0 2 * * *",
     params_path: str = "params.yaml",
     out_dir: str = "outputs",
+    timezone: str = "UTC",
 ) -> str:
     """Create the pool if needed and deploy :func:`flows.sweep.sweep` from this checkout.
 
-    Paths are made absolute so the worker's process finds the params and outputs.
-    Returns the deployment id.
+    Paths are made absolute so the worker's process finds the params and outputs. The
+    cron schedule is read in ``timezone`` (IANA name, default UTC: the same time on
+    every machine, no daylight-saving jumps). Returns the deployment id.
     """
+    check_timezone(timezone)  # before any server is contacted
     run_coro_as_sync(_ensure_process_pool(pool))
     flow = sweep.from_source(source=str(PROJECT_ROOT), entrypoint="flows/sweep.py:sweep")
     deployment_id = flow.deploy(
         name=name,
         work_pool_name=pool,
-        cron=cron,
+        schedule=Cron(cron, timezone=timezone) if cron else None,
         parameters={"params_path": str(Path(params_path).resolve()), "out_dir": str(Path(out_dir).resolve())},
         job_variables={"working_dir": str(PROJECT_ROOT)},
         build=False,
@@ -54,3 +60,12 @@ def deploy_sweep(
         ignore_warnings=True,
     )
     return str(deployment_id)
+
+
+def check_timezone(name: str) -> None:
+    """Fail with :class:`ConfigError` (exit 2) unless ``name`` is an IANA time zone."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        message = f"--timezone: unknown time zone {name!r} (an IANA name such as UTC or Europe/Berlin)"
+        raise ConfigError(message) from None

@@ -13,16 +13,17 @@ between a task's output and the next task loses nothing. ``fresh`` starts over.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 
 from dcml.atomic import remove_stale_temp_files
 from dcml.config import ConfigError, Params, load_params, with_num_learners
 from dcml.evaluate import checkpoint_test_slices
 from dcml.schedule import steps_from_params
-from tasks import integrity, provenance, report, retention, tracking, training
+from tasks import artifacts, integrity, locks, provenance, report, retention, tracking, training
 from tasks.layout import RunLayout, run_name
 from tasks.runs import data_summary, reset_run, run_key, validate_data, write_run_params
 
@@ -43,17 +44,28 @@ def divide_and_conquer(
     out_dir: str = "outputs",
     parent_run_id: str | None = None,
     fresh: bool = False,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate one run; returns its final metrics (also in ``<run>/metrics.json``).
 
     ``num_learners``/``seed`` override ``cluster.num_learners``/``seed`` of the params file.
-    ``fresh`` deletes the run's folder first instead of continuing it.
+    ``fresh`` deletes the run's folder first instead of continuing it. The run folder is
+    owned by one process at a time (``tasks.locks``): when another one runs it, this run
+    fails naming that process (:class:`~tasks.locks.BusyError`), or with ``wait`` waits
+    for it to end and then continues (reusing what it finished).
     """
     params = load_params(params_path)
     if num_learners is not None or seed is not None:
         params = with_num_learners(params, params.cluster.num_learners if num_learners is None else num_learners, seed)
     validate_data(params)
     layout = RunLayout(run_folder(out_dir, params))
+    # one process at a time: taken before anything in the folder is touched, held until the run ends
+    with locks.hold(layout.lock, str(layout.root), wait, get_run_logger()):
+        return _run(params, layout, parent_run_id, fresh)
+
+
+def _run(params: Params, layout: RunLayout, parent_run_id: str | None, fresh: bool) -> dict[str, Any]:
+    """The run, in a folder this process owns."""
     if fresh:
         reset_run(layout)
     steps, keep, logger = steps_from_params(params), params.train.keep_checkpoints, get_run_logger()
@@ -70,9 +82,15 @@ def divide_and_conquer(
     _log_resume(layout, resume, versions, params.train.epochs)
     run_dir, name = str(layout.root), run_name(params.cluster.num_learners, params.seed)
     state = str(layout.tracking_state)
+    scope = ExitStack()  # closed in `finally`: tags on every task run of this run, system metrics
+    scope.enter_context(tags(*artifacts.run_tags(params)))
     run_id = tracking.start_run(params, name, state, parent_run_id)
     try:
-        tracking.log_metrics(params, run_id, 0, _prefixed("data/", data_summary(params)), state)
+        scope.enter_context(tracking.system_metrics(params, run_id))
+        counts = data_summary(params)
+        tracking.log_dataset(params, run_id, counts, state)  # constants: dataset profile + params
+        if counts["images_skipped"]:
+            logger.warning("%s: %d unreadable images skipped (data.skip_corrupt)", name, counts["images_skipped"])
         if resume is None:
             checkpoint, resume = training.init_model(run_dir), 0
         else:
@@ -118,13 +136,15 @@ def divide_and_conquer(
             },
             state,
         )
-        if params.tracking.log_model:
-            tracking.log_model(params, run_id, checkpoint, state)
+        model_id = tracking.log_model(params, run_id, checkpoint, state) if params.tracking.log_model else None
         tracking.end_run(params, run_id, name)
+        artifacts.run_report(params, name, layout, final, run_id, tracking.run_link(params, run_id), model_id)
     except BaseException:
         tracking.mark_failed(params, run_id, name)
         raise
-    return {**final, "run_dir": run_dir, "mlflow_run_id": run_id}
+    finally:
+        scope.close()
+    return {**final, "run_dir": run_dir, "mlflow_run_id": run_id, "model_id": model_id}
 
 
 def _to_compute(output: Path, epoch: int, resume: int) -> bool:
@@ -177,7 +197,3 @@ def _log_resume(layout: RunLayout, resume: int | None, versions: list[dict[str, 
         )
     else:
         logger.info(message)
-
-
-def _prefixed(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
-    return {prefix + k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}

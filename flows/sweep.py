@@ -6,16 +6,20 @@ torch's global generator, so they are not bit-reproducible; sequential runs are.
 
 from __future__ import annotations
 
-import shutil
+import hashlib
+import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger, tags
 
-from dcml.config import load_params, with_num_learners
+from dcml.config import Params, load_params, to_dict, with_num_learners
 from flows.divide_and_conquer import divide_and_conquer, run_folder
-from tasks import report, tracking
+from tasks import artifacts, locks, report, retention, tracking
 from tasks.layout import RunLayout, run_name
 from tasks.runs import preflight
 
@@ -32,6 +36,51 @@ def sweep_points_of(params_path: str, num_learners: list[int] | None, seeds: lis
     return sweep_points(list(ks), list(params.sweep.seeds if seeds is None else seeds))
 
 
+def sweep_run_name(points: list[tuple[int, int]], now: datetime | None = None) -> str:
+    """The MLflow parent run's name, e.g. ``sweep-K1,4-seeds0,1,2-2025-06-01 14:30`` (local time)."""
+    ks = ",".join(str(k) for k in sorted({k for k, _ in points}))
+    seeds = ",".join(str(s) for s in sorted({s for _, s in points}))
+    return f"sweep-K{ks}-seeds{seeds}-{(now or datetime.now()):%Y-%m-%d %H:%M}"
+
+
+def nothing_to_compute(params: Params, points: list[tuple[int, int]], out_dir: str) -> bool:
+    """Whether every run of the sweep is finished on disk (final metrics and checkpoint)
+    and still has its MLflow state: then the sweep reuses its previous MLflow runs."""
+    for k, seed in points:
+        point = with_num_learners(params, k, seed)
+        layout = RunLayout(run_folder(out_dir, point))
+        files = (layout.final_metrics, layout.checkpoint(point.train.epochs), layout.tracking_state)
+        if not all(path.is_file() for path in files):
+            return False
+    return True
+
+
+def sweep_key(params: Params, points: list[tuple[int, int]]) -> str:
+    """What makes two sweeps the same one: the params and the points (the folder is ``--out``)."""
+    text = json.dumps({"params": to_dict(params), "points": sorted(points)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@contextmanager
+def owning(
+    params: Params, points: list[tuple[int, int]], out_dir: str, wait: bool = False, logger: locks.Logger | None = None
+) -> Iterator[Path]:
+    """Own the sweep's MLflow state file and its run folders (``tasks.locks``); yields the
+    state file, ``<out>/.tracking/sweep-<key>.json``.
+
+    One state file per sweep (:func:`sweep_key`), so two different sweeps in one folder never
+    share one; a rerun of the same sweep finds the state a failed run left and continues under
+    its MLflow parent; the lock keeps two live invocations of the same sweep apart."""
+    key = f"sweep-{sweep_key(params, points)}"
+    state = Path(out_dir) / ".tracking" / f"{key}.json"
+    owned = [(locks.lock_file(out_dir, key), f"the sweep {state}")]
+    for k, seed in points:
+        folder = run_folder(out_dir, with_num_learners(params, k, seed))
+        owned.append((RunLayout(folder).lock, str(folder)))
+    with locks.hold_all(owned, wait, logger):
+        yield state
+
+
 @flow(name="dcml-sweep", flow_run_name="sweep")
 def sweep(
     params_path: str = "params.yaml",
@@ -41,6 +90,7 @@ def sweep(
     concurrent: bool | None = None,
     prune: bool = True,
     fresh: bool = False,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """Run every (K, seed) and compare them; defaults come from the ``sweep`` section.
 
@@ -48,15 +98,37 @@ def sweep(
     removed at the end (they stay in DVC's cache and MLflow), so DVC versions only the
     current sweep. With ``fresh`` every run starts over instead of continuing from its
     newest checkpoint.
+
+    The sweep owns its MLflow state and its run folders until it ends (:func:`owning`):
+    when another process holds one of them, it fails naming that process, or with
+    ``wait`` waits for it; the clean-up never deletes a folder another process owns.
     """
     points = sweep_points_of(params_path, num_learners, seeds)
     params = preflight(params_path, points, out_dir)  # every error before any training starts
-    parent_state = Path(out_dir) / ".tracking" / "sweep.json"
-    parent_id = tracking.start_run(params, "sweep", str(parent_state))
+    with owning(params, points, out_dir, wait, get_run_logger()) as parent_state:
+        return _sweep(params_path, out_dir, points, params, parent_state, concurrent, prune, fresh)
+
+
+def _sweep(
+    params_path: str,
+    out_dir: str,
+    points: list[tuple[int, int]],
+    params: Params,
+    parent_state: Path,
+    concurrent: bool | None,
+    prune: bool,
+    fresh: bool,
+) -> dict[str, Any]:
+    """The sweep, owning its state and run folders."""
+    # a rerun that recomputes nothing reopens the MLflow runs of the last time it finished
+    finished, reuse_key = parent_state.with_name(parent_state.stem + ".finished.json"), repr(sorted(points))
+    reuse = str(finished) if not fresh and nothing_to_compute(params, points, out_dir) else None
+    parent_id = tracking.start_run(params, sweep_run_name(points), str(parent_state), None, reuse, reuse_key)
 
     def one(point: tuple[int, int]) -> dict[str, Any]:
         k, seed = point
-        return divide_and_conquer(params_path, k, seed, out_dir, parent_id, fresh)
+        with tags("dcml", f"K{k}", f"seed{seed}"):  # the run's flow run in the UI
+            return divide_and_conquer(params_path, k, seed, out_dir, parent_id, fresh)
 
     try:
         if concurrent if concurrent is not None else params.sweep.concurrent:
@@ -77,15 +149,15 @@ def sweep(
             },
             str(parent_state),
         )
+        registered = tracking.register_best(params, results, parent_id)
         tracking.end_run(params, parent_id, "sweep")
+        artifacts.sweep_table(out_dir, registered)
     except BaseException:
         tracking.mark_failed(params, parent_id, "sweep")
         raise  # the parent run's state file stays, so a rerun continues under it
+    tracking.remember_finished(str(parent_state), str(finished), reuse_key)
     parent_state.unlink()
     if prune:
         keep = {run_folder(out_dir, with_num_learners(params, k, s)).resolve() for k, s in points}
-        for folder in (Path(out_dir) / "runs").iterdir():
-            if folder.is_dir() and folder.resolve() not in keep and RunLayout(folder).params.exists():
-                shutil.rmtree(folder)
-                RunLayout(folder).tracking_state.unlink(missing_ok=True)
+        retention.remove_other_runs(Path(out_dir) / "runs", keep, get_run_logger())  # skips folders in use
     return {"metrics": metrics_path, "runs": run_dirs}

@@ -70,6 +70,12 @@ class RunLayout:
         return self.root.parent.parent / ".tracking" / f"{self.root.name}.json"
 
     @property
+    def lock(self) -> Path:
+        """Who owns the run folder (``tasks.locks``): beside it, like the MLflow state, so
+        that deleting the folder (``--fresh``, a sweep's clean-up) keeps the lock."""
+        return self.root.parent.parent / ".locks" / f"{self.root.name}.lock"
+
+    @property
     def plots(self) -> Path:
         return self.root / "plots"
 

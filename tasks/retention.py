@@ -12,13 +12,18 @@ own output is written and a crash between a write and a deletion only leaves a f
 the next call. The flow consumes checkpoint *E* (test evaluation at *E*, clustering at
 *E*, training from *E*) before the next checkpoint exists, so an older checkpoint is
 never needed again: resume starts from the newest one.
+
+:func:`remove_other_runs` is a sweep's clean-up of whole run folders of other params; it
+never deletes a folder another process owns (``tasks.locks``).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from dcml.config import Params
+from tasks import locks
 from tasks.layout import RunLayout
 
 
@@ -45,3 +50,23 @@ def prune(layout: RunLayout, keep_checkpoints: int, final_epoch: int) -> list[Pa
 def prune_run(layout: RunLayout, params: Params) -> list[Path]:
     """:func:`prune` with the run's ``train.keep_checkpoints`` and last epoch."""
     return prune(layout, params.train.keep_checkpoints, params.train.epochs)
+
+
+def remove_other_runs(runs_dir: Path, keep: set[Path], logger: locks.Logger) -> list[Path]:
+    """A sweep's clean-up: delete the run folders under ``runs_dir`` that are not in
+    ``keep`` (runs of other params), with their MLflow state — never one that another
+    process owns (``tasks.locks``): that one is skipped with a warning naming the holder.
+    Each folder is deleted while holding its lock, so no run starts in it meanwhile."""
+    removed: list[Path] = []
+    for folder in sorted(Path(runs_dir).iterdir()) if Path(runs_dir).is_dir() else []:
+        layout = RunLayout(folder)
+        if not folder.is_dir() or folder.resolve() in keep or not layout.params.exists():
+            continue
+        with locks.try_hold(layout.lock) as owned:
+            if not owned:
+                logger.warning("kept %s (a run of other params): in use by %s", folder, locks.describe(layout.lock))
+                continue
+            shutil.rmtree(folder)
+            layout.tracking_state.unlink(missing_ok=True)
+        removed.append(folder)
+    return removed

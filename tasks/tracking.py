@@ -3,27 +3,40 @@
 One experiment per dataset (``dcml-<dataset>`` unless ``tracking.experiment`` is set);
 a sweep is a parent run with one child run per (K, seed). Runs are addressed by id
 with :class:`~mlflow.tracking.MlflowClient`, so a resumed flow continues its run.
+
+Only run-level operations are Prefect tasks (``start-tracking``, ``log-artifacts``,
+``log-model``, ``end-tracking``, ``log-summary``, ``register-model``): per-epoch,
+division and evaluation numbers are logged by plain functions (:func:`log_metrics`,
+:func:`log_metrics_from`, :func:`log_dataset`) that the flow calls after the task that
+produced them, so the flow-run graph shows the cluster/train alternation, not one node
+per logged step. Each logging call is recorded in the run's state file and skipped when
+a resumed flow repeats it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import hashlib
 import json
 import logging
 import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from dcml.clustering import NMI_AVERAGE_METHOD
 from dcml.config import ConfigError, Params, flatten, redact_uri, split_uri_credentials
@@ -31,6 +44,10 @@ from dcml.inference import TestEmbedder
 from tasks import io, provenance
 
 PIP_REQUIREMENTS = ["torch>=2.4", "torchvision>=0.19", "numpy>=1.26"]
+# MLflow 3's UI opens an experiment on its GenAI overview unless this tag says otherwise
+# (the value the UI's experiment-type selector writes; mlflow/server/js: CUSTOM_MODEL_DEVELOPMENT)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+BEST_ALIAS = "best"
 
 
 def client(params: Params) -> MlflowClient:
@@ -78,15 +95,23 @@ def check_tracking_uri(uri: str) -> None:
 def experiment_id(params: Params) -> str:
     """Get or create the dataset's experiment (local artifacts live next to the sqlite DB)."""
     mlflow_client = client(params)
-    name = params.tracking.experiment or f"dcml-{params.data.dataset}"
+    name = experiment_name(params)
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # created by an older dcml
+            mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     uri = params.tracking.mlflow_uri
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-    return mlflow_client.create_experiment(name, artifact_location=location)
+    return mlflow_client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
+
+
+def experiment_name(params: Params) -> str:
+    return params.tracking.experiment or f"dcml-{params.data.dataset}"
 
 
 def code_tags() -> dict[str, str]:
@@ -97,7 +122,36 @@ def code_tags() -> dict[str, str]:
         "git_commit": version["git_commit"],
         "mlflow.source.git.commit": version["git_commit"].removesuffix("+dirty"),
         "dcml.source_digest": version["source_digest"],
+        **source_tags(),
     }
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags (what the UI shows as *Source* and *User*) and, in a
+    Prefect flow, the flow run that wrote the run."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = "unknown"
+    tags = {"mlflow.source.name": "dcml", "mlflow.source.type": "LOCAL", "mlflow.user": user}
+    if flow_run.get_id():
+        tags["prefect.flow_run_id"] = str(flow_run.get_id())
+        tags["prefect.flow_run_name"] = str(flow_run.get_name())
+    return tags
+
+
+def _retrying(action: Callable[[], Any], attempts: int = 3, delay: float = 2.0) -> Any:
+    """What the task retries did for the logging that is no longer a task: a tracking
+    server that is briefly unreachable does not fail the run."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except (MlflowException, OSError) as error:
+            if attempt == attempts - 1:
+                raise
+            logging.getLogger(__name__).warning("MLflow call failed (%s); retrying in %.0f s", error, delay)
+            time.sleep(delay)
+    return None
 
 
 def _state_matches(state: dict[str, Any], params: Params, parent_run_id: str | None) -> bool:
@@ -125,18 +179,34 @@ def _run_exists(mlflow_client: MlflowClient, run_id: str) -> bool:
     retries=2,
     retry_delay_seconds=2,
     cache_policy=NO_CACHE,
+    tags=["tracking"],
 )
-def start_run(params: Params, run_name: str, state_file: str, parent_run_id: str | None = None) -> str:
+def start_run(
+    params: Params,
+    run_name: str,
+    state_file: str,
+    parent_run_id: str | None = None,
+    reuse_from: str | None = None,
+    reuse_key: str | None = None,
+) -> str:
     """Create the MLflow run, or reopen the one ``state_file`` names; returns its id.
 
     The saved run is reopened only if it still exists in the same tracking store, under
     the same parent, for the same params; otherwise (a deleted ``mlflow.db``, another
     URI, a run folder reused by a new sweep) a new run is created and the flow logs its
-    history again from disk.
+    history again from disk. Without a ``state_file``, the state in ``reuse_from`` (a
+    finished sweep's, :func:`remember_finished`) is taken over when its ``reuse_key``
+    is ``reuse_key``: a sweep that recomputes nothing reopens the previous parent run
+    (and its children theirs) instead of adding identical runs.
     """
     state_path = Path(state_file)
     mlflow_client = client(params)
     state = io.read_json(state_path) if state_path.is_file() else {}
+    if not state and reuse_from and reuse_key and Path(reuse_from).is_file():
+        previous = io.read_json(reuse_from)
+        if previous.get("reuse_key") == reuse_key:
+            state = previous
+            io.write_json(state_path, state)
     if state and _state_matches(state, params, parent_run_id) and _run_exists(mlflow_client, state["run_id"]):
         run_id = state["run_id"]
         mlflow_client.update_run(run_id, status="RUNNING")
@@ -172,9 +242,15 @@ def start_run(params: Params, run_name: str, state_file: str, parent_run_id: str
     return run_id
 
 
-def _mark_done(state_file: str | Path, key: str) -> None:
+def remember_finished(state_file: str, record: str, reuse_key: str) -> None:
+    """Keep a finished sweep's parent-run state in ``record`` for :func:`start_run`'s ``reuse_from``."""
+    io.write_json(record, {**io.read_json(state_file), "reuse_key": reuse_key})
+
+
+def _mark_done(state_file: str | Path, key: str, **values: Any) -> None:
     state = io.read_json(state_file)
     state["done"].append(key)
+    state.update(values)
     io.write_json(state_file, state)
 
 
@@ -182,31 +258,44 @@ def _is_done(state_file: str | Path, key: str) -> bool:
     return key in io.read_json(state_file)["done"]
 
 
-@task(
-    name="log-metrics",
-    task_run_name="log-metrics-epoch-{epoch}",
-    retries=2,
-    retry_delay_seconds=2,
-    cache_policy=NO_CACHE,
-)
 def log_metrics(params: Params, run_id: str, epoch: int, metrics: dict[str, float], state_file: str) -> None:
-    """Log metrics at ``step=epoch`` once (a resumed flow does not log a step twice)."""
+    """Log metrics at ``step=epoch`` once (a resumed flow does not log a step twice).
+    A plain function, not a task: no graph node per logged step."""
     key = f"metrics:{epoch}:{','.join(sorted(metrics))}"
     if _is_done(state_file, key):
         return
     now = get_current_time_millis()
     batch = [Metric(_metric_key(k), float(v), now, epoch) for k, v in metrics.items() if np.isfinite(v)]
-    client(params).log_batch(run_id, metrics=batch)
+    _retrying(lambda: client(params).log_batch(run_id, metrics=batch))
     _mark_done(state_file, key)
 
 
-@task(
-    name="log-metrics-from-file",
-    task_run_name="log-{kind}-epoch-{step}",
-    retries=2,
-    retry_delay_seconds=2,
-    cache_policy=NO_CACHE,
-)
+def log_dataset(params: Params, run_id: str, counts: dict[str, float], state_file: str) -> None:
+    """The run's data as an MLflow dataset input (*Datasets used* in the UI): digest =
+    the data version (DVC's hash of the folder when a ``.dvc`` file tracks it, else a
+    digest of the split's file list, :func:`tasks.provenance.data_version`), source =
+    ``data.root``, the image/class counts as its profile and as ``data_counts.*``
+    params — constants, so no metric charts. Once per run."""
+    if _is_done(state_file, "dataset"):
+        return
+    version = provenance.data_version(params.data)
+    digest = version.removeprefix("dvc:")[:36]  # MLflow's limit; a DVC folder hash is 36
+    profile = {key: int(value) for key, value in counts.items()}
+    dataset = Dataset(
+        name=params.data.dataset,
+        digest=digest,
+        source_type="local",
+        source=json.dumps({"uri": str(Path(params.data.root).resolve()), "data_version": version}),
+        profile=json.dumps(profile),
+    )
+    tags = [InputTag("mlflow.data.context", "training")]
+    mlflow_client = client(params)
+    _retrying(lambda: mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)]))
+    count_params = [Param(f"data_counts.{key}", str(value)) for key, value in sorted(profile.items())]
+    _retrying(lambda: mlflow_client.log_batch(run_id, params=count_params))
+    _mark_done(state_file, "dataset")
+
+
 def log_metrics_from(
     params: Params, run_id: str, step: int, path: str, kind: str, state_file: str, keys: list[str] | None = None
 ) -> None:
@@ -218,14 +307,58 @@ def log_metrics_from(
         for key, value in data.items()
         if isinstance(value, int | float) and key != "epoch" and (keys is None or key in keys)
     }
-    log_metrics.fn(params, run_id, step, numbers, state_file)
+    log_metrics(params, run_id, step, numbers, state_file)
 
 
 def _metric_key(name: str) -> str:
     return name.replace("@", "_at_")
 
 
-@task(name="log-artifacts", task_run_name="log-artifacts", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@contextlib.contextmanager
+def system_metrics(params: Params, run_id: str) -> Iterator[None]:
+    """MLflow's system metrics (CPU, RAM, disk, network; GPU with ``nvidia-ml-py``) for
+    ``run_id`` while the block runs — the monitor that ``mlflow.start_run`` would start,
+    here for a run handled by id. Every ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
+    seconds (default 10); ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`` turns it off."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    monitor = None
+    if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.is_set() and not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
+        yield
+        return
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=connection_uri(params))
+        monitor.start()
+    except Exception as error:  # noqa: BLE001 - never fail a run for its monitoring
+        logging.getLogger(__name__).warning("no MLflow system metrics: %s", error)
+        monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def run_link(params: Params, run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server, or — for a local store —
+    at ``make mlflow-ui``'s address."""
+    uri = redact_uri(params.tracking.mlflow_uri)
+    base = uri.rstrip("/") if uri.lower().startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    base = split_uri_credentials(base)[0]
+    experiment = client(params).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+
+
+@task(
+    name="log-artifacts",
+    task_run_name="log-artifacts",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+    tags=["tracking"],
+)
 def log_artifacts(params: Params, run_id: str, files: dict[str, str], state_file: str) -> None:
     """``files`` maps an artifact folder to a local file or folder; logged once per run."""
     if _is_done(state_file, "artifacts"):
@@ -239,24 +372,27 @@ def log_artifacts(params: Params, run_id: str, files: dict[str, str], state_file
     _mark_done(state_file, "artifacts")
 
 
-@task(name="log-model", task_run_name="log-model", retries=1, cache_policy=NO_CACHE)
-def log_model(params: Params, run_id: str, checkpoint: str, state_file: str) -> None:
+@task(name="log-model", task_run_name="log-model", retries=1, cache_policy=NO_CACHE, tags=["tracking"])
+def log_model(params: Params, run_id: str, checkpoint: str, state_file: str) -> str | None:
     """Final model via ``mlflow.pytorch.log_model``: pt2 export of ``images -> embedding``
     with a signature and explicit pip requirements (inference of requirements is slow).
+    Logged at ``step = train.epochs``, so the LoggedModel carries the final epoch's
+    metrics (MLflow links the run's metrics of that step to the model). Returns the
+    model id (kept in the state file; ``None`` for a model logged by an older dcml).
 
     The embedding is the checkpoint's test embedding, as the pipeline evaluated it
     (:class:`dcml.inference.TestEmbedder`: its number of separately normalised slices,
     also in the model's metadata as ``num_slices``)."""
     if _is_done(state_file, "model"):
-        return
+        return io.read_json(state_file).get("model_id")
     model = TestEmbedder.from_checkpoint(checkpoint, torch.device("cpu"))
     size = params.data.image_size
     example = np.zeros((2, 3, size, size), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     mlflow.set_tracking_uri(connection_uri(params))
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        info = mlflow.pytorch.log_model(
             model,
             name="model",
             signature=infer_signature(example, output),
@@ -264,8 +400,11 @@ def log_model(params: Params, run_id: str, checkpoint: str, state_file: str) -> 
             pip_requirements=PIP_REQUIREMENTS,
             serialization_format="pt2",
             metadata={"num_slices": model.num_slices},
+            step=params.train.epochs,
+            params={"num_learners": str(params.cluster.num_learners), "seed": str(params.seed)},
         )
-    _mark_done(state_file, "model")
+    _mark_done(state_file, "model", model_id=info.model_id)
+    return info.model_id
 
 
 @task(
@@ -274,6 +413,7 @@ def log_model(params: Params, run_id: str, checkpoint: str, state_file: str) -> 
     retries=2,
     retry_delay_seconds=2,
     cache_policy=NO_CACHE,
+    tags=["tracking"],
 )
 def end_run(params: Params, run_id: str, run_name: str, status: str = "FINISHED") -> None:
     client(params).set_terminated(run_id, status=status)
@@ -287,7 +427,14 @@ def mark_failed(params: Params, run_id: str, run_name: str) -> None:
         logging.getLogger(__name__).warning("could not mark MLflow run %s (%s) failed: %s", run_name, run_id, error)
 
 
-@task(name="log-summary", task_run_name="log-summary", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(
+    name="log-summary",
+    task_run_name="log-summary",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+    tags=["tracking"],
+)
 def log_summary(params: Params, run_id: str, summary: dict[str, Any], state_file: str) -> None:
     """A comparison's statistics over seeds (``tasks.report.summary_of``) on the sweep's
     parent run at step 0: ``<variant>/<metric>_mean`` and ``_std``, and for K > 1
@@ -315,3 +462,58 @@ def log_summary(params: Params, run_id: str, summary: dict[str, Any], state_file
     for start in range(0, len(batch), 1000):  # MLflow's limit per batch
         mlflow_client.log_batch(run_id, metrics=batch[start : start + 1000])
     _mark_done(state_file, key)
+
+
+@task(
+    name="register-model",
+    task_run_name="register-model",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+    tags=["tracking"],
+)
+def register_best(params: Params, results: list[dict[str, Any]], parent_run_id: str) -> dict[str, Any] | None:
+    """The experiment's registered model (named like the experiment) gets the best K of
+    this sweep as a version with the alias ``best``: the K with the highest mean R@1
+    over seeds, and of its runs the one with the highest R@1. ``results`` are the runs'
+    flow results (``num_learners``, ``seed``, ``recall@1``, ``mlflow_run_id``,
+    ``model_id``). An existing version of the same model is reused. Returns the version,
+    K, seed and R@1, or ``None`` when no model was logged."""
+    logged = [r for r in results if r.get("model_id") and r.get("recall@1") is not None]
+    if not logged:
+        return None
+    by_k: dict[int, list[dict[str, Any]]] = {}
+    for result in logged:
+        by_k.setdefault(int(result["num_learners"]), []).append(result)
+    best_k = max(by_k, key=lambda k: (float(np.mean([r["recall@1"] for r in by_k[k]])), -k))
+    best = max(by_k[best_k], key=lambda r: (r["recall@1"], -int(r["seed"])))
+    mlflow_client = client(params)
+    name = experiment_name(params)
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException:
+        mlflow_client.create_registered_model(
+            name,
+            description=f"dcml embedding models of experiment {name}; alias '{BEST_ALIAS}': best K of the latest sweep",
+        )
+    source = f"models:/{best['model_id']}"  # (a sqlite registry reads model_id back as None)
+    existing = [v for v in mlflow_client.search_model_versions(f"name='{name}'") if v.source == source]
+    if existing:
+        version = existing[0]
+    else:
+        version = mlflow_client.create_model_version(
+            name,
+            source=source,
+            run_id=best["mlflow_run_id"],
+            model_id=best["model_id"],
+            tags={"num_learners": str(best_k), "seed": str(best["seed"]), "sweep_run_id": parent_run_id},
+        )
+    mlflow_client.set_model_version_tag(name, version.version, "recall_at_1", f"{best['recall@1']:.6f}")
+    mlflow_client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+    return {
+        "name": name,
+        "version": version.version,
+        "num_learners": best_k,
+        "seed": best["seed"],
+        "recall@1": float(best["recall@1"]),
+    }

@@ -1,15 +1,24 @@
 """Prefect tasks of one Divide-and-Conquer run. Paths in, paths out.
 
 Each task first checks whether its output file already exists: files are written
-atomically, so an existing file is complete and a rerun after a crash skips the work.
+atomically, so an existing file is complete and a rerun after a crash skips the work
+(and says so in its log). Progress goes to the task run's log (the Prefect UI): loss
+and img/s per epoch, cluster sizes and dropped images per division, R@k per evaluation.
+Each task is tagged with its kind (``train``, ``cluster``, ...); the flow adds the run's
+tags (``dcml``, ``K4``, ``seed0``).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from prefect.runtime import task_run
 
 from dcml.clustering import kmeans_seed
 from dcml.division import all_data, next_division
@@ -22,25 +31,40 @@ from tasks.progress import bar
 from tasks.runs import bundle_for, device_for, run_params
 
 
-@task(name="init-model", task_run_name="init-model", cache_policy=NO_CACHE)
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The task run's logger (shown in the Prefect UI); a plain logger outside Prefect."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("dcml.tasks")
+
+
+def _reused(path: Path) -> str:
+    """One log line for work a rerun skips because its output exists."""
+    _logger().info("%s: output exists (%s), skipped", task_run.get_name() or "task", path)
+    return str(path)
+
+
+@task(name="init-model", task_run_name="init-model", cache_policy=NO_CACHE, tags=["init"])
 def init_model(run_dir: str) -> str:
     """The untrained model (epoch 0): backbone weights loaded, embedding initialised."""
     layout = RunLayout(Path(run_dir))
     path = layout.checkpoint(0)
-    if not path.exists():
-        params = run_params(layout)
-        bundle = bundle_for(params)
-        Trainer.create(params, bundle.splits.train.num_classes, device_for(params)).save(path)
+    if path.exists():
+        return _reused(path)
+    params = run_params(layout)
+    bundle = bundle_for(params)
+    Trainer.create(params, bundle.splits.train.num_classes, device_for(params)).save(path)
     return str(path)
 
 
-@task(name="embed", task_run_name="embed-{split}-epoch-{epoch}", cache_policy=NO_CACHE)
+@task(name="embed", task_run_name="embed-{split}-epoch-{epoch}", cache_policy=NO_CACHE, tags=["embed"])
 def embed(run_dir: str, checkpoint: str, split: str, epoch: int, num_learners: int) -> str:
     """Embed the ``train`` (eval transforms) or ``test`` split; Parquet out."""
     layout = RunLayout(Path(run_dir))
     path = layout.embeddings(split, epoch)
     if path.exists():
-        return str(path)
+        return _reused(path)
     params = run_params(layout)
     bundle = bundle_for(params)
     trainer = Trainer.for_inference(checkpoint, device_for(params), params=params)
@@ -59,10 +83,11 @@ def embed(run_dir: str, checkpoint: str, split: str, epoch: int, num_learners: i
         num_learners=num_learners,
         features=features,
     )
+    _logger().info("embedded %d %s images (%d-d, %d slices)", len(labels), split, embeddings.shape[1], num_learners)
     return str(path)
 
 
-@task(name="cluster", task_run_name="cluster-epoch-{epoch}", cache_policy=NO_CACHE)
+@task(name="cluster", task_run_name="cluster-epoch-{epoch}", cache_policy=NO_CACHE, tags=["cluster"])
 def cluster(
     run_dir: str, embeddings: str, previous: str | None, num_clusters: int, division_index: int, epoch: int
 ) -> str:
@@ -70,7 +95,7 @@ def cluster(
     layout = RunLayout(Path(run_dir))
     path = layout.division(epoch)
     if path.exists():
-        return str(path)
+        return _reused(path)
     params = run_params(layout)
     vectors, labels, _, _ = io.read_embeddings(embeddings)
     before = io.read_division(previous) if previous else None
@@ -78,16 +103,26 @@ def cluster(
     division = next_division(vectors, labels, num_clusters, params.cluster, seed=seed, previous=before)
     io.write_division(path, division, labels, epoch=epoch, division_index=division_index)
     retention.prune_run(layout, params)  # the train embeddings are consumed
+    sizes = np.bincount(division.assignment[division.keep], minlength=division.num_clusters)
+    stats = division.stats
+    _logger().info(
+        "division %d: %d clusters, images per learner %s, %d images dropped%s",
+        division_index,
+        division.num_clusters,
+        sizes.tolist(),
+        int(stats.get("images_dropped", 0)),
+        f", NMI to previous {stats['nmi_to_previous']:.3f}" if "nmi_to_previous" in stats else "",
+    )
     return str(path)
 
 
-@task(name="train", task_run_name="train-{segment.name}", cache_policy=NO_CACHE)
+@task(name="train", task_run_name="train-{segment.name}", cache_policy=NO_CACHE, tags=["train"])
 def train(run_dir: str, checkpoint: str, division: str | None, segment: Segment) -> str:
     """Train one segment from ``checkpoint``; writes the end checkpoint and epoch stats."""
     layout = RunLayout(Path(run_dir))
     path = layout.checkpoint(segment.end_epoch)
     if path.exists():
-        return str(path)
+        return _reused(path)
     params = run_params(layout)
     bundle = bundle_for(params)
     trainer = Trainer.from_checkpoint(checkpoint, device_for(params), params=params)
@@ -98,22 +133,32 @@ def train(run_dir: str, checkpoint: str, division: str | None, segment: Segment)
         bundle.splits.train.labels,
         learners_data,
         progress=bar(f"epochs {segment.start_epoch}-{segment.end_epoch - 1}"),
-        on_epoch=lambda stats: io.write_json(
-            layout.epoch_stats(stats.epoch), {**stats.as_dict(), "mode": segment.mode}
-        ),
+        on_epoch=lambda stats: _epoch_done(layout, stats, segment.mode),
     )
     trainer.save(path)
     retention.prune_run(layout, params)  # older checkpoints are consumed
     return str(path)
 
 
-@task(name="evaluate", task_run_name="evaluate-epoch-{epoch}", cache_policy=NO_CACHE)
+def _epoch_done(layout: RunLayout, stats, mode: str) -> None:
+    io.write_json(layout.epoch_stats(stats.epoch), {**stats.as_dict(), "mode": mode})
+    _logger().info(
+        "epoch %d (%s): loss %.4f, %.0f img/s, %.1f s",
+        stats.epoch,
+        mode,
+        stats.loss,
+        stats.images_per_second,
+        stats.seconds,
+    )
+
+
+@task(name="evaluate", task_run_name="evaluate-epoch-{epoch}", cache_policy=NO_CACHE, tags=["evaluate"])
 def evaluate(run_dir: str, embeddings: str, epoch: int) -> str:
     """R@k, NMI, MAP@R, R-precision of the test embeddings; JSON out."""
     layout = RunLayout(Path(run_dir))
     path = layout.evaluation(epoch)
     if path.exists():
-        return str(path)
+        return _reused(path)
     params = run_params(layout)
     vectors, labels, _, meta = io.read_embeddings(embeddings)
     final = epoch == params.train.epochs
@@ -122,4 +167,7 @@ def evaluate(run_dir: str, embeddings: str, epoch: int) -> str:
     )
     io.write_json(path, {"epoch": epoch, **metrics, "num_slices": meta["num_learners"]})
     retention.prune_run(layout, params)  # older test embeddings are consumed
+    numbers = {key: value for key, value in metrics.items() if isinstance(value, int | float | np.floating)}
+    shown = [key for key in numbers if key.startswith(("recall@", "map@", "nmi"))]
+    _logger().info("epoch %d: %s", epoch, ", ".join(f"{key} {100 * metrics[key]:.2f}" for key in shown))
     return str(path)
