@@ -25,7 +25,7 @@ from dcml.evaluate import checkpoint_test_slices
 from dcml.schedule import steps_from_params
 from tasks import artifacts, integrity, locks, provenance, report, retention, tracking, training
 from tasks.layout import RunLayout, run_name
-from tasks.runs import data_summary, reset_run, run_key, validate_data, write_run_params
+from tasks.runs import data_summary, reset_run, run_key, validate_data, write_run_params, write_skipped_files
 
 TRAIN_METRICS = ["loss", "seconds", "images_per_second"]
 
@@ -89,8 +89,14 @@ def _run(params: Params, layout: RunLayout, parent_run_id: str | None, fresh: bo
         scope.enter_context(tracking.system_metrics(params, run_id))
         counts = data_summary(params)
         tracking.log_dataset(params, run_id, counts, state)  # constants: dataset profile + params
-        if counts["images_skipped"]:
-            logger.warning("%s: %d unreadable images skipped (data.skip_corrupt)", name, counts["images_skipped"])
+        skipped_files = write_skipped_files(params, layout)
+        if skipped_files is not None:
+            logger.warning(
+                "%s: %d unreadable images skipped (data.skip_corrupt), listed in %s",
+                name,
+                counts["images_skipped"],
+                skipped_files,
+            )
         if resume is None:
             checkpoint, resume = training.init_model(run_dir), 0
         else:
@@ -133,6 +139,11 @@ def _run(params: Params, layout: RunLayout, parent_run_id: str | None, fresh: bo
                 "history/code": str(layout.code_versions),
                 "embeddings": test_embeddings,
                 "metrics": str(layout.final_metrics),
+                **(
+                    {"data": str(layout.root / "skipped_files.txt")}
+                    if (layout.root / "skipped_files.txt").exists()
+                    else {}
+                ),
             },
             state,
         )

@@ -50,6 +50,9 @@ def cluster_sizes(divisions: Sequence[tuple[int, np.ndarray]], path: str | Path)
             axis.bar(epochs, sizes[:, learner], bottom=bottom, label=f"learner {learner}")
             bottom += sizes[:, learner]
         axis.legend(fontsize="small")
+    else:  # K=1: the baseline never divides its data
+        axis.text(0.5, 0.5, "K=1: one learner on all data\n(no divisions)", ha="center", va="center")
+        axis.set_xticks([])
     axis.set(xlabel="division at epoch", ylabel="images", title="cluster sizes over time")
     return _save(figure, path)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from dcml.atomic import write_text_atomic
 from dcml.config import ConfigError, DataConfig, Params, check_against_data, load_params, to_dict
 from dcml.data import DatasetBundle, build_bundle, load_splits, retrieval_size
 from dcml.device import resolve_device
@@ -123,6 +124,14 @@ def data_summary(params: Params) -> dict[str, float]:
         "test_classes": bundle.splits.test.num_classes,
         "images_skipped": bundle.num_skipped,
     }
+
+
+def write_skipped_files(params: Params, layout: RunLayout) -> Path | None:
+    """``<run>/skipped_files.txt``: the unreadable files data.skip_corrupt dropped (None if none)."""
+    skipped = bundle_for(params).skipped
+    if not skipped:
+        return None
+    return write_text_atomic(layout.root / "skipped_files.txt", "\n".join(skipped) + "\n")
 
 
 def device_for(params: Params) -> torch.device:

@@ -54,12 +54,16 @@ class DatasetBundle:
     train: Dataset  # train records, train transforms
     train_eval: Dataset  # train records, eval transforms (for clustering)
     test: Dataset  # test records (query first, then gallery), eval transforms
-    num_skipped: int = 0
+    skipped: tuple[str, ...] = ()  # unreadable files dropped with data.skip_corrupt
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
 
 
 def build_bundle(splits: Splits, config: DataConfig) -> DatasetBundle:
     """Datasets with the SPEC's transforms; with ``skip_corrupt`` unreadable files are dropped."""
-    skipped = 0
+    skipped: tuple[str, ...] = ()
     if config.skip_corrupt:
         splits, skipped = _without_unreadable(splits)
     train_tf = train_transform(config.image_size, config.crop_scale_min)
@@ -69,13 +73,13 @@ def build_bundle(splits: Splits, config: DataConfig) -> DatasetBundle:
         train=ImageDataset(splits.train, train_tf),
         train_eval=ImageDataset(splits.train, eval_tf),
         test=ImageDataset(splits.test, eval_tf),
-        num_skipped=skipped,
+        skipped=skipped,
     )
 
 
-def _without_unreadable(splits: Splits) -> tuple[Splits, int]:
+def _without_unreadable(splits: Splits) -> tuple[Splits, tuple[str, ...]]:
     if splits.query is not None:
         raise DatasetError("data.skip_corrupt is not supported for query/gallery datasets")
     train, bad_train = drop_unreadable(splits.train)
     test, bad_test = drop_unreadable(splits.test)
-    return replace(splits, train=train, test=test), len(bad_train) + len(bad_test)
+    return replace(splits, train=train, test=test), tuple(bad_train) + tuple(bad_test)

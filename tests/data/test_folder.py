@@ -152,3 +152,17 @@ def test_image_dataset_skip_corrupt(folder: Path) -> None:
     dataset = ImageDataset(scan_class_folder(folder), eval_transform(8, 8), skip_corrupt=True)
     assert len(dataset) == 17 and len(dataset.dropped) == 1
     assert all(dataset[i][0].shape == (3, 8, 8) for i in range(len(dataset)))
+
+
+def test_skipped_files_are_listed_for_the_run(folder: Path, tmp_path: Path) -> None:
+    """data.skip_corrupt: the dropped files are named (the flow writes them to
+    <run>/skipped_files.txt and logs that file to MLflow)."""
+    from dcml.config import DataConfig, SplitConfig
+    from dcml.data import build_bundle, load_splits
+
+    broken = folder / "class4" / "01.png"
+    broken.write_bytes(b"broken")
+    config = DataConfig(dataset="folder", root=str(folder), split=SplitConfig(train_ratio=0.5), skip_corrupt=True)
+    bundle = build_bundle(load_splits(config), config)
+    assert bundle.skipped == (str(broken),) and bundle.num_skipped == 1
+    assert len(bundle.splits.test) == 8
