@@ -118,6 +118,10 @@ class TrainConfig:
     # newest checkpoints a run keeps (the final one is always kept); older ones are
     # deleted once nothing needs them. Does not change results (not part of the run key).
     keep_checkpoints: int = 1
+    # data-parallel processes for training (torchrun: gloo on CPU, NCCL on CUDA, one GPU
+    # each); 1 = one process. Part of the run key when > 1 (BatchNorm statistics and
+    # float summation order differ), see dcml/distributed.py.
+    nproc_per_node: int = 1
 
 
 @dataclass(frozen=True)
@@ -396,6 +400,12 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
         (0 < d.crop_scale_min <= 1, "data.crop_scale_min must be in (0, 1]"),
         (d.num_workers == "auto" or d.num_workers >= 0, "data.num_workers must be >= 0 or auto"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1 (resume needs the latest checkpoint)"),
+        (t.nproc_per_node >= 1, "train.nproc_per_node must be >= 1"),
+        (
+            t.nproc_per_node <= 2 * t.images_per_class,
+            "train.nproc_per_node must be <= 2 x train.images_per_class: the smallest batch (2 classes) "
+            "must give every process at least one image",
+        ),
         (
             not (t.deterministic and t.cudnn_benchmark),
             "train.deterministic and train.cudnn_benchmark exclude each other (benchmarking picks "

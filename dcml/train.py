@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dcml.config import TrainConfig
 from dcml.data.samplers import ClassBalancedBatchSampler, interleave_round_robin
+from dcml.distributed import SINGLE, Shard, average_gradients, gather_batch, global_labels
 from dcml.division import Division
 
 
@@ -96,11 +97,15 @@ class EpochBatchSampler:
     seed of its image's random transforms (see ``ImageDataset.__getitem__``): the
     augmentation of an image is a function of (epoch seed, step, position) alone, the
     same with 0 or 16 workers and whatever order they finish in.
+
+    Under data parallelism (``shard``) it yields this rank's contiguous part of each
+    batch; positions stay those of the global batch, so augmentations do not change.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shard: Shard = SINGLE) -> None:
         self.batches: Sequence[Batch] = []
         self.seed = 0
+        self.shard = shard
 
     def set_epoch(self, batches: Sequence[Batch], seed: int) -> None:
         self.batches, self.seed = batches, seed
@@ -110,7 +115,8 @@ class EpochBatchSampler:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step, (_, indices) in enumerate(self.batches):
-            yield [(int(index), item_seed(self.seed, step, position)) for position, index in enumerate(indices)]
+            start, stop = self.shard.bounds(len(indices))
+            yield [(int(indices[p]), item_seed(self.seed, step, p)) for p in range(start, stop)]
 
 
 def item_seed(epoch_seed: int, step: int, position: int) -> int:
@@ -155,33 +161,51 @@ def train_epoch(
     bf16: bool = False,
     channels_last: bool = False,
     progress: Progress = lambda iterable, total: iterable,
+    shard: Shard = SINGLE,
+    dataset_labels: np.ndarray | None = None,
 ) -> EpochStats:
     """One pass over ``batches``; ``loader`` yields their ``(images, labels, indices)``
-    in order (see :func:`train_loader`)."""
+    in order (see :func:`train_loader`).
+
+    Data-parallel (``shard.world > 1``, ``model`` in DDP, see :mod:`dcml.distributed`):
+    the loader yields this rank's shard of each batch, the loss sees the gathered global
+    batch (labels from ``dataset_labels``); the statistics are the global batch's.
+    """
     model.train()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     total_loss = torch.zeros((), device=device, dtype=torch.float64)  # summed on the device: no sync per step
     total_penalty = torch.zeros((), device=device, dtype=torch.float64)
-    masks = getattr(model, "masks", None)
-    penalty_weight = model.config.mask_decorrelation if masks is not None else 0.0
+    core = getattr(model, "module", model)  # the Embedder, also inside DDP
+    masks = getattr(core, "masks", None)
+    penalty_weight = core.config.mask_decorrelation if masks is not None else 0.0
+    distributed = shard.world > 1
+    if distributed and dataset_labels is None:
+        raise ValueError("data-parallel training needs dataset_labels (the global batches' labels)")
+    loss_parameters = [p for p in loss_fn.parameters() if p.requires_grad]
     num_images, checked, start = 0, 0, time.perf_counter()
-    for step, ((learner, _), (images, labels, _)) in enumerate(
+    for step, ((learner, indices), (images, labels, _)) in enumerate(
         progress(zip(batches, loader, strict=True), len(batches))
     ):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         with autocast:
             embeddings = model(images, num_learners=num_learners, learner=learner)
+        if distributed:  # the loss sees the whole global batch, in its single-process order
+            embeddings = gather_batch(embeddings, shard.sizes(len(indices)))
+            labels = global_labels(dataset_labels, indices)
         # labels stay on the CPU: the loss derives the batch's pair structure there, so
         # nothing in the step waits for the GPU (dcml.losses.sampling)
-        loss = loss_fn(embeddings.float(), labels, generator=generator)
+        # at least float32 (bf16 autocast outputs are upcast; float64 stays)
+        loss = loss_fn(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), labels, generator=generator)
         objective = loss
         if penalty_weight > 0 and learner is not None:
-            penalty = model.masks.penalty(num_learners)
+            penalty = masks.penalty(num_learners)
             total_penalty += penalty.detach()
             objective = loss + penalty_weight * penalty
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
+        if distributed:
+            average_gradients(loss_parameters, shard.world)
         optimizer.step()
         total_loss += loss.detach() * labels.shape[0]
         num_images += labels.shape[0]

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from dcml.checkpoint import CheckpointError, load_checkpoint, restore_rng_states, save_checkpoint
 from dcml.config import ConfigError, Params, params_from_stored, to_dict
 from dcml.device import configure_backend, resolve_num_workers
+from dcml.distributed import SINGLE, Shard, wrap
 from dcml.division import Division
 from dcml.embed import embed_dataset
 from dcml.losses import build_loss
@@ -119,9 +120,14 @@ class Trainer:
         *,
         progress: Progress = lambda iterable, total: iterable,
         on_epoch: Callable[[EpochStats], None] = lambda stats: None,
+        shard: Shard = SINGLE,
     ) -> list[EpochStats]:
         """Train epochs ``segment.start_epoch .. end_epoch-1`` on ``division``'s batches;
-        ``on_epoch`` gets each epoch's statistics as soon as it ends."""
+        ``on_epoch`` gets each epoch's statistics as soon as it ends.
+
+        ``shard``: this process's rank among ``shard.world`` data-parallel processes
+        (:mod:`dcml.distributed`; the process group must be initialised): every rank
+        calls this with the same arguments and ends with the same weights."""
         if self.optimizer is None or self.loss is None:
             raise RuntimeError("this trainer was built for inference (Trainer.for_inference); it cannot train")
         if self.epochs_done != segment.start_epoch:
@@ -131,15 +137,19 @@ class Trainer:
             # hierarchical division: children start from their parent's mask (no-op otherwise)
             self.model.masks.grow(segment.num_clusters, self.optimizer)
         stats = []
+        net = self.model
+        if shard.world > 1:
+            net = wrap(self.model, self.device, sync_batchnorm=not self.params.model.freeze_bn)
         # one loader for the segment: its workers persist across epochs, the sampler changes
-        sampler = EpochBatchSampler()
+        sampler = EpochBatchSampler(shard)
         loader = train_loader(dataset, sampler, num_workers=self.num_workers, device=self.device)
         for epoch in range(segment.start_epoch, segment.end_epoch):
             seed = epoch_seed(self.params.seed, epoch)
-            # dropout draws from torch's global generator; each image's random transforms
-            # from a seed of its own (EpochBatchSampler), so results do not depend on the
-            # number of loader workers; negative sampling has a generator of its own.
-            torch.manual_seed(seed)
+            # dropout draws from torch's global generator (one stream per rank); each
+            # image's random transforms from a seed of its own (EpochBatchSampler), so
+            # results do not depend on the number of loader workers; negative sampling
+            # has a generator of its own (the same on every rank).
+            torch.manual_seed((seed + 7919 * shard.rank) % 2**31)
             generator = torch.Generator(device=self.device).manual_seed(seed + 1)
             set_epoch_lr(self.optimizer, epoch, t.lr_decay_gamma)
             batches = epoch_batches(
@@ -154,7 +164,7 @@ class Trainer:
             sampler.set_epoch(batches, seed)
             stats.append(
                 train_epoch(
-                    self.model,
+                    net,
                     self.loss,
                     self.optimizer,
                     loader,
@@ -166,6 +176,8 @@ class Trainer:
                     bf16=t.bf16,
                     channels_last=t.channels_last,
                     progress=progress,
+                    shard=shard,
+                    dataset_labels=labels,
                 )
             )
             self.epochs_done = epoch + 1

@@ -91,8 +91,16 @@ NOT_RESULT_KEYS = ("tracking", "sweep", "train.keep_checkpoints", "data.num_work
 INACTIVE_UNLESS = {("model", "learners", "masks"): MASK_KEYS, ("cluster", "hierarchical", True): HIERARCHY_KEYS}
 
 
+# Keys left out while they hold their default, so runs from before they existed keep their keys.
+DEFAULT_LEAVES_HASH = {("train", "nproc_per_node"): 1}
+
+
 def _inactive_keys(params_dict: dict) -> tuple[str, ...]:
-    inactive: tuple[str, ...] = ()
+    inactive: tuple[str, ...] = tuple(
+        f"{section}.{key}"
+        for (section, key), default in DEFAULT_LEAVES_HASH.items()
+        if params_dict.get(section, {}).get(key, default) == default
+    )
     for (section, key, active), keys in INACTIVE_UNLESS.items():
         if params_dict.get(section, {}).get(key, None) != active:
             inactive += keys

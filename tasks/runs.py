@@ -79,9 +79,15 @@ def preflight(params_path: str, points: list[tuple[int, int]], out_dir: str) -> 
 def check_environment(params: Params) -> None:
     """What the params ask of this machine: the device and a local weights file."""
     try:
-        device_for(params)
+        device = device_for(params)
     except RuntimeError as error:  # train.device: cuda without CUDA
         raise ConfigError(str(error)) from None
+    nproc = params.train.nproc_per_node
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError(
+            f"train.nproc_per_node is {nproc} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+            "(one process per GPU)"
+        )
     pretrained = params.model.pretrained
     if pretrained not in ("imagenet", "none") and not Path(pretrained).expanduser().is_file():
         raise ConfigError(

@@ -11,6 +11,8 @@ tags (``dcml``, ``K4``, ``seed0``).
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from dcml.division import all_data, next_division
 from dcml.evaluate import evaluate_embeddings
 from dcml.schedule import Segment
 from dcml.trainer import Trainer
-from tasks import io, retention
+from tasks import distributed_train, io, retention
 from tasks.layout import RunLayout
 from tasks.progress import bar
 from tasks.runs import bundle_for, device_for, run_params
@@ -124,6 +126,10 @@ def train(run_dir: str, checkpoint: str, division: str | None, segment: Segment)
     if path.exists():
         return _reused(path)
     params = run_params(layout)
+    if params.train.nproc_per_node > 1:  # data-parallel: torchrun, rank 0 writes (tasks/distributed_train.py)
+        _train_distributed(layout, checkpoint, division, segment, params.train.nproc_per_node)
+        retention.prune_run(layout, params)
+        return str(path)
     bundle = bundle_for(params)
     trainer = Trainer.from_checkpoint(checkpoint, device_for(params), params=params)
     learners_data = io.read_division(division) if division else all_data(len(bundle.splits.train))
@@ -138,6 +144,23 @@ def train(run_dir: str, checkpoint: str, division: str | None, segment: Segment)
     trainer.save(path)
     retention.prune_run(layout, params)  # older checkpoints are consumed
     return str(path)
+
+
+def _train_distributed(layout: RunLayout, checkpoint: str, division: str | None, segment: Segment, nproc: int) -> None:
+    """The segment on ``nproc`` processes under torchrun; their output goes to the task's log."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cpus // nproc)))}
+    logger = _logger()
+    logger.info("training %s on %d processes (torchrun)", segment.name, nproc)
+    command = distributed_train.command(str(layout.root), checkpoint, division, segment)
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        for line in process.stdout:
+            logger.info("%s", line.rstrip())
+    path = layout.checkpoint(segment.end_epoch)
+    if process.returncode != 0 or not path.exists():
+        raise RuntimeError(
+            f"distributed training of {segment.name} failed (exit status {process.returncode}); see the log"
+        )
 
 
 def _epoch_done(layout: RunLayout, stats, mode: str) -> None:
