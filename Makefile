@@ -16,7 +16,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 # Prefect's database and profile live in the project, not in ~/.prefect.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: help install data demo test test-slow test-all lint bench bench-loader bench-gpu bench-scale prefect-server worker deploy mlflow-ui clean
+.PHONY: help install data demo test test-slow test-all lint bench bench-loader bench-gpu bench-scale prefect-server worker deploy mlflow-ui up down stack-env clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[cpu,dev,pretrained]'
+	$(PY) -m pip install --quiet -e '.[cpu,dev,pretrained,stack]'
 	$(PY) -m compileall -q -j 0 dcml tasks flows tests >/dev/null
 	touch $@
 
@@ -51,8 +51,8 @@ test-all: $(STAMP)  ## every test
 	env -u PREFECT_API_URL $(PY) -m pytest -q
 
 lint: $(STAMP)  ## ruff lint and format check
-	$(BIN)/ruff check dcml tasks flows tests bench
-	$(BIN)/ruff format --check dcml tasks flows tests bench
+	$(BIN)/ruff check dcml tasks flows tests bench scripts
+	$(BIN)/ruff format --check dcml tasks flows tests bench scripts
 
 bench: $(STAMP)  ## training throughput: our loop (resumed trainer) vs a bare torch loop
 	$(PY) bench/bench_train_step.py --repeats 3
@@ -77,6 +77,17 @@ deploy: $(STAMP)  ## register the nightly K sweep (needs PREFECT_API_URL)
 
 mlflow-ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000 over ./mlflow.db
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# The shared stack in .stack/ (ports: DCML_STACK_PG_PORT, DCML_STACK_PREFECT_PORT, DCML_STACK_MLFLOW_PORT);
+# clients: eval "$$(make -s stack-env)".
+up: $(STAMP)  ## the shared stack: PostgreSQL + Prefect server + MLflow server on 127.0.0.1, see scripts/stack.py
+	$(PY) scripts/stack.py up
+
+down: $(STAMP)  ## stop the shared stack (deletes its PostgreSQL data, keeps .stack/logs and artifacts)
+	$(PY) scripts/stack.py down
+
+stack-env: $(STAMP)  ## print the shared stack's export lines (PREFECT_API_URL, MLFLOW_TRACKING_URI, ...)
+	@$(PY) scripts/stack.py env
 
 clean:  ## remove outputs and tracking data (keeps .venv and data/)
 	rm -rf outputs mlflow.db mlartifacts
