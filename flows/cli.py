@@ -52,7 +52,12 @@ def _sweep(args: argparse.Namespace) -> None:
 
     points = sweep_points_of(args.params, args.num_learners, args.seeds)
     params = preflight(args.params, points, args.out)
-    with owning(params, points, args.out, args.wait):  # its MLflow state and run folders, before the server starts
+    if args.workers:
+        from flows.remote import check_deployment
+
+        check_deployment(args.workers)
+    # its MLflow state and run folders (unless workers run them), before the server starts
+    with owning(params, points, args.out, args.wait, runs=not args.workers):
         own_process_group()
         guard_server()
 
@@ -65,6 +70,7 @@ def _sweep(args: argparse.Namespace) -> None:
             not args.keep,
             args.fresh,
             args.wait,
+            args.workers,
         )
     print(json.dumps(result, indent=2, default=str))
 
@@ -128,10 +134,20 @@ def _deploy(args: argparse.Namespace) -> None:
     from flows.server_guard import install as guard_server
 
     guard_server()  # a temporary server (no PREFECT_API_URL) stops when dcml dies
-    deployment_id = deploy_sweep(args.name, args.pool, args.cron, args.params, args.out, args.timezone)
+    deployment_id = deploy_sweep(
+        args.name, args.pool, args.cron, args.params, args.out, args.timezone, args.workers, args.concurrency
+    )
     schedule = f"{args.cron!r} ({args.timezone})"
     print(f"deployment {args.name!r} ({deployment_id}) on work pool {args.pool!r}, schedule {schedule}")
-    print(f"start a worker with: prefect worker start --pool {args.pool}")
+    if args.workers:
+        from flows.remote import RUN_DEPLOYMENT
+
+        print(f"runs: deployment {RUN_DEPLOYMENT!r} on {args.pool!r}; `dcml sweep --workers` submits to it")
+        print(
+            f"start one worker per GPU with: CUDA_VISIBLE_DEVICES=<i> prefect worker start --pool {args.pool} --limit 1"
+        )
+    else:
+        print(f"start a worker with: prefect worker start --pool {args.pool}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -169,6 +185,16 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", type=int, nargs="+", help="seeds (default: sweep.seeds)")
     sweep.add_argument("--concurrent", action="store_true", help="run the K values concurrently (threads)")
     sweep.add_argument("--keep", action="store_true", help="keep run folders of other params under OUT/runs")
+    sweep.add_argument(
+        "--workers",
+        nargs="?",
+        const="divide-and-conquer/dcml-run",
+        default=None,
+        metavar="DEPLOYMENT",
+        help="submit each run as a flow run of DEPLOYMENT (default divide-and-conquer/dcml-run, made by "
+        "`dcml deploy --workers`) for the work pool's workers to execute concurrently; needs PREFECT_API_URL, "
+        "and OUT and the params on a filesystem the workers share",
+    )
     fresh(sweep)
     sweep.set_defaults(func=_sweep)
 
@@ -220,6 +246,13 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--pool", default="dcml-process", help="process work pool (created if missing)")
     serve.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: every day at 02:00)")
     serve.add_argument("--timezone", default="UTC", help="IANA time zone the cron schedule is read in (default: UTC)")
+    serve.add_argument(
+        "--workers",
+        action="store_true",
+        help="also deploy the single run (divide-and-conquer/dcml-run): sweeps then run their (K, seed) runs "
+        "concurrently on the pool's workers",
+    )
+    serve.add_argument("--concurrency", type=int, help="with --workers: at most this many runs at once (all workers)")
     serve.set_defaults(func=_deploy)
     return main
 

@@ -4,6 +4,10 @@ prefect server start --host 127.0.0.1            # terminal 1 (UI at http://127.
 export PREFECT_API_URL=http://127.0.0.1:4200/api
 dcml deploy --cron "0 2 * * *" --timezone UTC     # creates pool + deployment
 prefect worker start --pool dcml-process           # terminal 2: runs scheduled sweeps
+
+With ``--workers`` the single run flow is deployed too (``divide-and-conquer/dcml-run``,
+:mod:`flows.remote`), and the scheduled sweep submits its runs to it, so that the pool's
+workers execute them concurrently (one per GPU with ``prefect worker start --limit 1``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from prefect.schedules import Cron
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 from dcml.config import ConfigError
+from flows.divide_and_conquer import divide_and_conquer
+from flows.remote import RUN_DEPLOYMENT
 from flows.sweep import sweep
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -38,26 +44,52 @@ def deploy_sweep(
     params_path: str = "params.yaml",
     out_dir: str = "outputs",
     timezone: str = "UTC",
+    workers: bool = False,
+    concurrency: int | None = None,
 ) -> str:
     """Create the pool if needed and deploy :func:`flows.sweep.sweep` from this checkout.
 
     Paths are made absolute so the worker's process finds the params and outputs. The
     cron schedule is read in ``timezone`` (IANA name, default UTC: the same time on
-    every machine, no daylight-saving jumps). Returns the deployment id.
+    every machine, no daylight-saving jumps). With ``workers`` the run flow is deployed
+    as well (:func:`deploy_runs`, at most ``concurrency`` runs at once) and the sweep
+    hands its runs to it. Returns the sweep deployment's id.
     """
     check_timezone(timezone)  # before any server is contacted
+    if concurrency is not None and concurrency < 1:
+        raise ConfigError(f"--concurrency must be >= 1, got {concurrency}")
     run_coro_as_sync(_ensure_process_pool(pool))
+    parameters = {"params_path": str(Path(params_path).resolve()), "out_dir": str(Path(out_dir).resolve())}
+    if workers:
+        deploy_runs(pool, concurrency)
+        parameters["workers"] = RUN_DEPLOYMENT
     flow = sweep.from_source(source=str(PROJECT_ROOT), entrypoint="flows/sweep.py:sweep")
+    return _deploy(flow, name, pool, parameters, Cron(cron, timezone=timezone) if cron else None)
+
+
+def deploy_runs(pool: str, concurrency: int | None = None) -> str:
+    """Deploy the single run flow as ``divide-and-conquer/dcml-run`` on ``pool`` (no
+    schedule: sweeps submit to it). ``concurrency``: Prefect's limit on its flow runs
+    at once, over all workers (runs beyond it wait in the queue)."""
+    flow = divide_and_conquer.from_source(
+        source=str(PROJECT_ROOT), entrypoint="flows/divide_and_conquer.py:divide_and_conquer"
+    )
+    name = RUN_DEPLOYMENT.split("/")[1]
+    return _deploy(flow, name, pool, {}, None, concurrency_limit=concurrency)
+
+
+def _deploy(flow, name: str, pool: str, parameters: dict, schedule, **options) -> str:
     deployment_id = flow.deploy(
         name=name,
         work_pool_name=pool,
-        schedule=Cron(cron, timezone=timezone) if cron else None,
-        parameters={"params_path": str(Path(params_path).resolve()), "out_dir": str(Path(out_dir).resolve())},
+        schedule=schedule,
+        parameters=parameters,
         job_variables={"working_dir": str(PROJECT_ROOT)},
         build=False,
         push=False,
         print_next_steps=False,
         ignore_warnings=True,
+        **options,
     )
     return str(deployment_id)
 

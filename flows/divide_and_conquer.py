@@ -23,7 +23,7 @@ from dcml.atomic import remove_stale_temp_files
 from dcml.config import ConfigError, Params, load_params, with_num_learners
 from dcml.evaluate import checkpoint_test_slices
 from dcml.schedule import steps_from_params
-from tasks import artifacts, integrity, locks, provenance, report, retention, tracking, training
+from tasks import artifacts, integrity, io, locks, provenance, report, retention, tracking, training
 from tasks.layout import RunLayout, run_name
 from tasks.runs import data_summary, reset_run, run_key, validate_data, write_run_params, write_skipped_files
 
@@ -45,8 +45,12 @@ def divide_and_conquer(
     parent_run_id: str | None = None,
     fresh: bool = False,
     wait: bool = False,
+    result_file: str | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one run; returns its final metrics (also in ``<run>/metrics.json``).
+
+    ``result_file``: where to write the returned dict as JSON too, for a caller that
+    started this flow on a worker (``dcml sweep --workers``, :mod:`flows.remote`).
 
     ``num_learners``/``seed`` override ``cluster.num_learners``/``seed`` of the params file.
     ``fresh`` deletes the run's folder first instead of continuing it. The run folder is
@@ -61,7 +65,10 @@ def divide_and_conquer(
     layout = RunLayout(run_folder(out_dir, params))
     # one process at a time: taken before anything in the folder is touched, held until the run ends
     with locks.hold(layout.lock, str(layout.root), wait, get_run_logger()):
-        return _run(params, layout, parent_run_id, fresh)
+        result = _run(params, layout, parent_run_id, fresh)
+    if result_file:
+        io.write_json(result_file, {**result, "run_dir": str(layout.root.resolve())})
+    return result
 
 
 def _run(params: Params, layout: RunLayout, parent_run_id: str | None, fresh: bool) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 
 from dcml.config import Params, load_params, to_dict, with_num_learners
+from flows import remote
 from flows.divide_and_conquer import divide_and_conquer, run_folder
 from tasks import artifacts, locks, report, retention, tracking
 from tasks.layout import RunLayout, run_name
@@ -63,18 +64,24 @@ def sweep_key(params: Params, points: list[tuple[int, int]]) -> str:
 
 @contextmanager
 def owning(
-    params: Params, points: list[tuple[int, int]], out_dir: str, wait: bool = False, logger: locks.Logger | None = None
+    params: Params,
+    points: list[tuple[int, int]],
+    out_dir: str,
+    wait: bool = False,
+    logger: locks.Logger | None = None,
+    runs: bool = True,
 ) -> Iterator[Path]:
     """Own the sweep's MLflow state file and its run folders (``tasks.locks``); yields the
     state file, ``<out>/.tracking/sweep-<key>.json``.
 
     One state file per sweep (:func:`sweep_key`), so two different sweeps in one folder never
     share one; a rerun of the same sweep finds the state a failed run left and continues under
-    its MLflow parent; the lock keeps two live invocations of the same sweep apart."""
+    its MLflow parent; the lock keeps two live invocations of the same sweep apart. Without
+    ``runs`` the run folders are left to the processes that run them (workers)."""
     key = f"sweep-{sweep_key(params, points)}"
     state = Path(out_dir) / ".tracking" / f"{key}.json"
     owned = [(locks.lock_file(out_dir, key), f"the sweep {state}")]
-    for k, seed in points:
+    for k, seed in points if runs else []:
         folder = run_folder(out_dir, with_num_learners(params, k, seed))
         owned.append((RunLayout(folder).lock, str(folder)))
     with locks.hold_all(owned, wait, logger):
@@ -91,8 +98,13 @@ def sweep(
     prune: bool = True,
     fresh: bool = False,
     wait: bool = False,
+    workers: str | None = None,
 ) -> dict[str, Any]:
     """Run every (K, seed) and compare them; defaults come from the ``sweep`` section.
+
+    With ``workers`` (a deployment of the run flow, ``divide-and-conquer/dcml-run``) each
+    run is a flow run of that deployment, executed concurrently by the work pool's
+    workers (:mod:`flows.remote`); otherwise the runs execute in this process.
 
     With ``prune``, run folders under ``<out_dir>/runs`` that belong to other params are
     removed at the end (they stay in DVC's cache and MLflow), so DVC versions only the
@@ -105,8 +117,10 @@ def sweep(
     """
     points = sweep_points_of(params_path, num_learners, seeds)
     params = preflight(params_path, points, out_dir)  # every error before any training starts
-    with owning(params, points, out_dir, wait, get_run_logger()) as parent_state:
-        return _sweep(params_path, out_dir, points, params, parent_state, concurrent, prune, fresh)
+    if workers:
+        remote.check_deployment(workers)
+    with owning(params, points, out_dir, wait, get_run_logger(), runs=not workers) as parent_state:
+        return _sweep(params_path, out_dir, points, params, parent_state, concurrent, prune, fresh, workers)
 
 
 def _sweep(
@@ -118,8 +132,9 @@ def _sweep(
     concurrent: bool | None,
     prune: bool,
     fresh: bool,
+    workers: str | None = None,
 ) -> dict[str, Any]:
-    """The sweep, owning its state and run folders."""
+    """The sweep, owning its state (and, unless ``workers`` runs them, its run folders)."""
     # a rerun that recomputes nothing reopens the MLflow runs of the last time it finished
     finished, reuse_key = parent_state.with_name(parent_state.stem + ".finished.json"), repr(sorted(points))
     reuse = str(finished) if not fresh and nothing_to_compute(params, points, out_dir) else None
@@ -131,7 +146,10 @@ def _sweep(
             return divide_and_conquer(params_path, k, seed, out_dir, parent_id, fresh)
 
     try:
-        if concurrent if concurrent is not None else params.sweep.concurrent:
+        if workers:
+            results_dir = parent_state.with_name(parent_state.stem + ".results")
+            results = remote.run_on_workers(workers, points, params_path, out_dir, parent_id, fresh, results_dir)
+        elif concurrent if concurrent is not None else params.sweep.concurrent:
             with ThreadPoolExecutor(max_workers=len(points)) as pool:
                 results = list(pool.map(one, points))
         else:
@@ -158,6 +176,6 @@ def _sweep(
     tracking.remember_finished(str(parent_state), str(finished), reuse_key)
     parent_state.unlink()
     if prune:
-        keep = {run_folder(out_dir, with_num_learners(params, k, s)).resolve() for k, s in points}
+        keep = {Path(result["run_dir"]).resolve() for result in results}  # wherever (on whichever device) they ran
         retention.remove_other_runs(Path(out_dir) / "runs", keep, get_run_logger())  # skips folders in use
     return {"metrics": metrics_path, "runs": run_dirs}

@@ -4,7 +4,10 @@ and isolated Prefect/MLflow state per test session (telemetry off)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -71,3 +74,51 @@ def shrink(params: Params, data_root: Path, tracking_uri: str = "sqlite:///:memo
 @pytest.fixture()
 def tiny_params(tiny_demo_root: Path) -> Params:
     return shrink(load_params(REPO_ROOT / "params.yaml"), tiny_demo_root)
+
+
+# --- the shared stack (scripts/stack.py): tests/test_stack.py, tests/test_workers.py --------------
+
+
+def load_stack_module():
+    spec = importlib.util.spec_from_file_location("dcml_stack_script", REPO_ROOT / "scripts" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+stack = load_stack_module()
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]  # held together: the ports differ
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def query(pg_port: int, database: str, sql: str, *args) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(f"postgresql://dcml@127.0.0.1:{pg_port}/{database}", connect_timeout=10) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+@pytest.fixture()
+def running_stack(tmp_path: Path):
+    pytest.importorskip("psycopg", reason="the `stack` extra: pip install -e '.[stack]'")
+    try:
+        stack.find_pg_bindir()
+    except stack.StackError as error:
+        pytest.skip(str(error))
+    stack_dir = tmp_path / "stack"
+    pg_port, prefect_port, mlflow_port = free_ports(3)
+    try:
+        state = stack.up(stack_dir, pg_port=pg_port, prefect_port=prefect_port, mlflow_port=mlflow_port)
+        yield stack_dir, state
+    finally:
+        stack.down(stack_dir, quiet=True)  # always, even when up() or the test failed
