@@ -16,7 +16,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 # Prefect's database and profile live in the project, not in ~/.prefect.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: help install data demo test test-slow test-all lint bench bench-loader bench-gpu bench-scale prefect-server worker deploy mlflow-ui up down stack-env clean
+.PHONY: help install data demo test test-slow test-all lint bench bench-loader bench-gpu bench-ddp bench-scaleout bench-scale prefect-server worker deploy mlflow-ui up down stack-env clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -60,8 +60,15 @@ bench: $(STAMP)  ## training throughput: our loop (resumed trainer) vs a bare to
 bench-loader: $(STAMP)  ## our loader + step over JPEG files vs a bare loop on in-memory tensors (CPU sizes)
 	$(PY) bench/bench_loader.py --backbone small_cnn --image-size 64 --num-workers auto --repeats 3
 
-bench-gpu: $(STAMP)  ## GPU benchmark (ResNet-50 step, host syncs, loader, JPEG decode, faiss): one JSON object
+bench-gpu: $(STAMP)  ## GPU benchmark (ResNet-50 step, host syncs, loader, JPEG decode, faiss; DDP 1 vs all GPUs): JSON
 	$(PY) bench/bench_gpu.py
+	$(PY) bench/bench_ddp.py --bf16 --channels-last --cudnn-benchmark
+
+bench-ddp: $(STAMP)  ## data-parallel throughput of our loop: 1 vs N processes under torchrun (CPU: 1 vs 2)
+	$(PY) bench/bench_ddp.py
+
+bench-scaleout: $(STAMP)  ## wall times on the demo: train on 1 vs 2 processes; sweep in one process vs 2 workers (stack)
+	$(PY) bench/bench_scaleout.py
 
 bench-scale: $(STAMP)  ## scale rehearsal on CPU: SOP-sized synthetic data through `dcml train` (JSON per phase)
 	$(PY) bench/bench_scale.py
@@ -69,8 +76,8 @@ bench-scale: $(STAMP)  ## scale rehearsal on CPU: SOP-sized synthetic data throu
 prefect-server: $(STAMP)  ## Prefect server + UI on http://127.0.0.1:4200
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
-worker: $(STAMP)  ## a process worker for the scheduled sweeps (needs PREFECT_API_URL)
-	$(BIN)/prefect worker start --pool dcml-process
+worker: $(STAMP)  ## a process worker for the scheduled sweeps and `dcml sweep --workers` runs (needs PREFECT_API_URL)
+	$(BIN)/prefect worker start --pool dcml-process $(if $(LIMIT),--limit $(LIMIT))
 
 deploy: $(STAMP)  ## register the nightly K sweep (needs PREFECT_API_URL)
 	$(BIN)/dcml deploy --cron "0 2 * * *" --timezone UTC

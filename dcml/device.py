@@ -30,16 +30,17 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_num_workers(setting: int | str, device: torch.device) -> int:
+def resolve_num_workers(setting: int | str, device: torch.device, processes: int = 1) -> int:
     """``data.num_workers``: an integer as given; ``"auto"`` from the CPU count.
 
     On CUDA the CPUs decode JPEGs while the GPU computes: one CPU stays with the main
     process, the others (at most 16) become loader workers. On CPU the same cores run
-    the network, so only a quarter of them decode (0 on a 2-core machine).
+    the network, so only a quarter of them decode (0 on a 2-core machine). With
+    ``processes`` data-parallel processes on the machine each gets its share of the CPUs.
     """
     if setting != "auto":
         return int(setting)
-    cpus = available_cpus()
+    cpus = max(1, available_cpus() // processes)
     if device.type == "cuda":
         return max(1, min(MAX_AUTO_WORKERS, cpus - 1))
     return cpus // 4

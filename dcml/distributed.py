@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional  # all_gather with autograd
 from torch import nn
 
 
@@ -97,14 +98,16 @@ def wrap(model: nn.Module, device: torch.device, *, sync_batchnorm: bool) -> nn.
     looked for only when the model has learner masks (unused after the division phase)."""
     if sync_batchnorm and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return nn.parallel.DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=getattr(model, "masks", None) is not None,
-        # BatchNorm buffers: per-rank (CPU) or synchronised (SyncBatchNorm), not copied from
-        # rank 0 at each forward (they are equal at the start: same checkpoint on every rank)
-        forward_sync_buffers=False,
-    )
+    options = {
+        "device_ids": [device.index] if device.type == "cuda" else None,
+        "find_unused_parameters": getattr(model, "masks", None) is not None,
+    }
+    # BatchNorm buffers: per-rank (CPU) or synchronised (SyncBatchNorm), not copied from
+    # rank 0 at each forward (they are equal at the start: same checkpoint on every rank)
+    try:
+        return nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False, **options)
+    except TypeError:  # torch < 2.13 names it broadcast_buffers
+        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, **options)
 
 
 def gather_batch(local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from dcml import division as division_rules
 from dcml.clustering import kmeans_seed
-from dcml.config import Params, check_against_data
+from dcml.config import ConfigError, Params, check_against_data
 from dcml.data import DatasetBundle, retrieval_size
 from dcml.division import Division, all_data
 from dcml.evaluate import evaluate_bundle
@@ -54,6 +54,11 @@ def fit(
     on_epoch: Callable[[EpochStats], None] = lambda stats: None,
 ) -> FitResult:
     """Train with the schedule of ``params``, evaluating at the cadence of ``eval.every_epochs``."""
+    if params.train.nproc_per_node > 1:
+        raise ConfigError(
+            "fit() trains in this one process; train.nproc_per_node > 1 runs through the pipeline "
+            "(`dcml train`, which launches torchrun per segment)"
+        )
     check_against_data(params, bundle.splits.train.num_classes, retrieval_size(bundle.splits))
     trainer = Trainer.create(params, bundle.splits.train.num_classes, device)
     result = FitResult(trainer)

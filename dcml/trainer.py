@@ -142,7 +142,8 @@ class Trainer:
             net = wrap(self.model, self.device, sync_batchnorm=not self.params.model.freeze_bn)
         # one loader for the segment: its workers persist across epochs, the sampler changes
         sampler = EpochBatchSampler(shard)
-        loader = train_loader(dataset, sampler, num_workers=self.num_workers, device=self.device)
+        workers = resolve_num_workers(self.params.data.num_workers, self.device, processes=shard.world)
+        loader = train_loader(dataset, sampler, num_workers=workers, device=self.device)
         for epoch in range(segment.start_epoch, segment.end_epoch):
             seed = epoch_seed(self.params.seed, epoch)
             # dropout draws from torch's global generator (one stream per rank); each

@@ -45,13 +45,16 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
+    from dcml.config import ConfigError
     from flows.server import own_process_group
     from flows.server_guard import install as guard_server
     from flows.sweep import owning, sweep, sweep_points_of
     from tasks.runs import preflight
 
     points = sweep_points_of(args.params, args.num_learners, args.seeds)
-    params = preflight(args.params, points, args.out)
+    params = preflight(args.params, points, args.out, local=not args.workers)
+    if args.workers and args.concurrent:
+        raise ConfigError("--concurrent runs the K values in this process; --workers on the workers: choose one")
     if args.workers:
         from flows.remote import check_deployment
 
@@ -130,7 +133,11 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _deploy(args: argparse.Namespace) -> None:
+    from dcml.config import ConfigError
     from flows.deploy import deploy_sweep
+
+    if args.concurrency is not None and not args.workers:
+        raise ConfigError("--concurrency limits the runs of --workers; add --workers")
     from flows.server_guard import install as guard_server
 
     guard_server()  # a temporary server (no PREFECT_API_URL) stops when dcml dies

@@ -5,9 +5,11 @@ export PREFECT_API_URL=http://127.0.0.1:4200/api
 dcml deploy --cron "0 2 * * *" --timezone UTC     # creates pool + deployment
 prefect worker start --pool dcml-process           # terminal 2: runs scheduled sweeps
 
-With ``--workers`` the single run flow is deployed too (``divide-and-conquer/dcml-run``,
-:mod:`flows.remote`), and the scheduled sweep submits its runs to it, so that the pool's
-workers execute them concurrently (one per GPU with ``prefect worker start --limit 1``).
+With ``--workers`` the single run flow is deployed too (``divide-and-conquer/dcml-run``, in
+the pool's work queue ``runs``, :mod:`flows.remote`), and the scheduled sweep submits its runs
+to it, so that the workers of that queue execute them concurrently (one per GPU:
+``prefect worker start --pool dcml-process --work-queue runs --limit 1``); the sweep itself
+runs on a worker of the default queue (``make worker``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 
 from dcml.config import ConfigError
 from flows.divide_and_conquer import divide_and_conquer
-from flows.remote import RUN_DEPLOYMENT
+from flows.remote import RUN_DEPLOYMENT, RUN_QUEUE
 from flows.sweep import sweep
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +77,9 @@ def deploy_runs(pool: str, concurrency: int | None = None) -> str:
         source=str(PROJECT_ROOT), entrypoint="flows/divide_and_conquer.py:divide_and_conquer"
     )
     name = RUN_DEPLOYMENT.split("/")[1]
-    return _deploy(flow, name, pool, {}, None, concurrency_limit=concurrency)
+    # a queue of its own: GPU workers (--work-queue runs --limit 1) never hold a slot with a
+    # sweep that waits for runs, which would leave a GPU idle or, with one worker, hang
+    return _deploy(flow, name, pool, {}, None, concurrency_limit=concurrency, work_queue_name=RUN_QUEUE)
 
 
 def _deploy(flow, name: str, pool: str, parameters: dict, schedule, **options) -> str:

@@ -25,7 +25,15 @@ from dcml.evaluate import checkpoint_test_slices
 from dcml.schedule import steps_from_params
 from tasks import artifacts, integrity, io, locks, provenance, report, retention, tracking, training
 from tasks.layout import RunLayout, run_name
-from tasks.runs import data_summary, reset_run, run_key, validate_data, write_run_params, write_skipped_files
+from tasks.runs import (
+    check_environment,
+    data_summary,
+    reset_run,
+    run_key,
+    validate_data,
+    write_run_params,
+    write_skipped_files,
+)
 
 TRAIN_METRICS = ["loss", "seconds", "images_per_second"]
 
@@ -61,6 +69,7 @@ def divide_and_conquer(
     params = load_params(params_path)
     if num_learners is not None or seed is not None:
         params = with_num_learners(params, params.cluster.num_learners if num_learners is None else num_learners, seed)
+    check_environment(params)  # this machine's (a worker's) device and weights file
     validate_data(params)
     layout = RunLayout(run_folder(out_dir, params))
     # one process at a time: taken before anything in the folder is touched, held until the run ends

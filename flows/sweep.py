@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -116,11 +117,12 @@ def sweep(
     ``wait`` waits for it; the clean-up never deletes a folder another process owns.
     """
     points = sweep_points_of(params_path, num_learners, seeds)
-    params = preflight(params_path, points, out_dir)  # every error before any training starts
+    # every error before any training starts (on workers the runs check their own machine)
+    params = preflight(params_path, points, out_dir, local=not workers)
     if workers:
         remote.check_deployment(workers)
     with owning(params, points, out_dir, wait, get_run_logger(), runs=not workers) as parent_state:
-        return _sweep(params_path, out_dir, points, params, parent_state, concurrent, prune, fresh, workers)
+        return _sweep(params_path, out_dir, points, params, parent_state, concurrent, prune, fresh, workers, wait)
 
 
 def _sweep(
@@ -133,10 +135,12 @@ def _sweep(
     prune: bool,
     fresh: bool,
     workers: str | None = None,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """The sweep, owning its state (and, unless ``workers`` runs them, its run folders)."""
     # a rerun that recomputes nothing reopens the MLflow runs of the last time it finished
     finished, reuse_key = parent_state.with_name(parent_state.stem + ".finished.json"), repr(sorted(points))
+    results_dir = parent_state.with_name(parent_state.stem + ".results")  # --workers: the runs' results
     reuse = str(finished) if not fresh and nothing_to_compute(params, points, out_dir) else None
     parent_id = tracking.start_run(params, sweep_run_name(points), str(parent_state), None, reuse, reuse_key)
 
@@ -147,8 +151,14 @@ def _sweep(
 
     try:
         if workers:
-            results_dir = parent_state.with_name(parent_state.stem + ".results")
-            results = remote.run_on_workers(workers, points, params_path, out_dir, parent_id, fresh, results_dir)
+            run_parameters = {
+                "params_path": str(Path(params_path).resolve()),
+                "out_dir": str(Path(out_dir).resolve()),
+                "parent_run_id": parent_id,
+                "fresh": fresh,
+                "wait": wait,
+            }
+            results = remote.run_on_workers(workers, points, run_parameters, results_dir)
         elif concurrent if concurrent is not None else params.sweep.concurrent:
             with ThreadPoolExecutor(max_workers=len(points)) as pool:
                 results = list(pool.map(one, points))
@@ -175,7 +185,15 @@ def _sweep(
         raise  # the parent run's state file stays, so a rerun continues under it
     tracking.remember_finished(str(parent_state), str(finished), reuse_key)
     parent_state.unlink()
+    shutil.rmtree(results_dir, ignore_errors=True)
     if prune:
-        keep = {Path(result["run_dir"]).resolve() for result in results}  # wherever (on whichever device) they ran
-        retention.remove_other_runs(Path(out_dir) / "runs", keep, get_run_logger())  # skips folders in use
+        # the folders the runs report (on a worker the device may key them otherwise), by name:
+        # a shared filesystem may be mounted under another path there
+        keep = {(Path(out_dir) / "runs" / Path(result["run_dir"]).name).resolve() for result in results}
+        if not locks.other_holders(
+            out_dir, "sweep-*", except_name=parent_state.stem
+        ):  # their runs are not ours to judge
+            retention.remove_other_runs(Path(out_dir) / "runs", keep, get_run_logger())  # skips folders in use
+        else:
+            get_run_logger().warning("other run folders kept: another sweep is running in %s", out_dir)
     return {"metrics": metrics_path, "runs": run_dirs}

@@ -1,10 +1,10 @@
 """One training segment on ``train.nproc_per_node`` processes: ``torchrun`` launcher and ranks.
 
-The train task runs ``python -m tasks.distributed_train RUN_DIR CHECKPOINT DIVISION SEGMENT``
-(``SEGMENT`` as JSON, ``DIVISION`` ``-`` for all data). Without ``RANK`` in the
-environment this process is the launcher: it hands the same command to ``torchrun``
-(``torch.distributed.run``, single node, ``--standalone`` rendezvous on a free port),
-which starts the ranks; with ``RANK`` it is a rank: it joins the process group, trains the
+The train task runs ``python -m tasks.distributed_train launch RUN_DIR CHECKPOINT DIVISION
+SEGMENT`` (``SEGMENT`` as JSON, ``DIVISION`` ``-`` for all data). That process is the
+launcher: it hands ``... rank RUN_DIR ...`` to ``torchrun`` (``torch.distributed.run``,
+single node, ``--standalone`` rendezvous on a free port), which starts the ranks. A rank
+joins the process group, trains the
 segment from the checkpoint (:meth:`dcml.trainer.Trainer.train_segment` with its shard)
 and rank 0 alone writes the epoch statistics and the segment's end checkpoint —
 atomically, so a killed segment leaves no partial file and its rerun starts the segment
@@ -48,6 +48,7 @@ def command(run_dir: str, checkpoint: str, division: str | None, segment) -> lis
         sys.executable,
         "-m",
         "tasks.distributed_train",
+        "launch",
         run_dir,
         checkpoint,
         division or "-",
@@ -65,7 +66,7 @@ def launch(nproc: int, args: list[str]) -> int:
 
     exit_with_parent(stop_ranks)
     try:
-        torchrun(["--standalone", f"--nproc-per-node={nproc}", "--module", "tasks.distributed_train", *args])
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "--module", "tasks.distributed_train", "rank", *args])
     except SystemExit as error:
         return int(error.code or 0)
     except Exception as error:  # noqa: BLE001 - torchrun's ChildFailedError: the ranks printed theirs
@@ -114,16 +115,16 @@ def rank(run_dir: str, checkpoint: str, division: str | None, segment_json: str)
 
 
 def main(argv: list[str]) -> int:
-    run_dir, checkpoint, division, segment_json = argv
+    mode, run_dir, checkpoint, division, segment_json = argv
     division = None if division == "-" else division
-    if "RANK" in os.environ:
+    if mode == "rank":
         rank(run_dir, checkpoint, division, segment_json)
         return 0
     from tasks.layout import RunLayout
     from tasks.runs import run_params
 
     nproc = run_params(RunLayout(Path(run_dir))).train.nproc_per_node
-    return launch(nproc, argv)
+    return launch(nproc, argv[1:])
 
 
 if __name__ == "__main__":

@@ -168,3 +168,16 @@ def _flow_run() -> str | None:
         return f"{flow_run.name} ({flow_run.id})" if flow_run.id else None
     except Exception:  # noqa: BLE001 - a name for a message, never a reason to fail
         return None
+
+
+def other_holders(out_dir: str | Path, pattern: str, except_name: str) -> list[str]:
+    """Descriptions of the holders of ``<out>/.locks/<pattern>.lock`` other than ``except_name``'s
+    that another process holds now (e.g. the sweeps running in ``out_dir``)."""
+    held = []
+    for path in sorted((Path(out_dir) / LOCKS).glob(f"{pattern}.lock")):
+        if path.stem == except_name:
+            continue
+        with try_hold(path) as owned:
+            if not owned:
+                held.append(describe(path))
+    return held

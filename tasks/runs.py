@@ -59,16 +59,19 @@ def ensure_writable(folder: Path) -> None:
         raise ConfigError(f"output folder {folder} is not writable ({existing} is read-only)")
 
 
-def preflight(params_path: str, points: list[tuple[int, int]], out_dir: str) -> Params:
+def preflight(params_path: str, points: list[tuple[int, int]], out_dir: str, local: bool = True) -> Params:
     """Every check that needs no compute, before any Prefect server starts: params (YAML,
     keys, ranges — also of each point's K and seed), device, weights file, tracking URI,
-    dataset, K vs classes, output folder. Raises :class:`ConfigError` (exit status 2)."""
+    dataset, K vs classes, output folder. Raises :class:`ConfigError` (exit status 2).
+    Without ``local`` (the runs execute on workers) the device and weights file are left
+    to the run flow, which checks its own machine."""
     from dcml.config import with_num_learners
     from tasks.tracking import check_tracking_uri
 
     params = load_params(params_path)
     per_point = [with_num_learners(params, k, seed) for k, seed in points]  # K >= 1, seed range
-    check_environment(params)
+    if local:
+        check_environment(params)
     check_tracking_uri(params.tracking.mlflow_uri)
     for point in per_point:
         validate_data(point)

@@ -146,16 +146,42 @@ def train(run_dir: str, checkpoint: str, division: str | None, segment: Segment)
     return str(path)
 
 
+# Set by an outer launcher (torchrun, a Kubeflow PyTorchJob, Slurm): not for our own torchrun
+OUTER_DISTRIBUTED_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
 def _train_distributed(layout: RunLayout, checkpoint: str, division: str | None, segment: Segment, nproc: int) -> None:
     """The segment on ``nproc`` processes under torchrun; their output goes to the task's log."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cpus // nproc)))}
+    env = {k: v for k, v in os.environ.items() if k not in OUTER_DISTRIBUTED_ENV and not k.startswith("TORCHELASTIC_")}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // nproc)))
     logger = _logger()
     logger.info("training %s on %d processes (torchrun)", segment.name, nproc)
     command = distributed_train.command(str(layout.root), checkpoint, division, segment)
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+    try:
         for line in process.stdout:
             logger.info("%s", line.rstrip())
+        process.wait()
+    except BaseException:  # cancelled, interrupted: torchrun stops its ranks on SIGTERM
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
+    finally:
+        process.stdout.close()
     path = layout.checkpoint(segment.end_epoch)
     if process.returncode != 0 or not path.exists():
         raise RuntimeError(

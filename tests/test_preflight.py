@@ -177,3 +177,48 @@ def test_a_valid_command_gets_as_far_as_the_server(tmp_path, params_file):
     """The check above is real: with valid params, the same call starts Prefect's server."""
     with pytest.raises(ServerStarted):
         main(["train", "--params", params_file(), "--out", str(tmp_path / "out")])
+
+
+# --- scale-out options (README "Scaling out") ---------------------------------------------------
+
+
+def test_more_processes_than_gpus(tmp_path, params_file, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    path = params_file({"train.device": "cuda", "train.nproc_per_node": 2})
+    fails(["train", "--params", path], capsys, tmp_path, "train.nproc_per_node is 2", "1 CUDA device")
+
+
+def test_workers_need_a_prefect_server(tmp_path, params_file, capsys, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    fails(["sweep", "--workers", "--params", params_file()], capsys, tmp_path, "--workers needs", "PREFECT_API_URL")
+
+
+def test_workers_name_an_unreachable_server(tmp_path, params_file, capsys):
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}):
+        fails(["sweep", "--workers", "--params", params_file()], capsys, tmp_path, "does not answer", str(port))
+
+
+def test_workers_and_concurrent_exclude_each_other(tmp_path, params_file, capsys):
+    fails(["sweep", "--workers", "--concurrent", "--params", params_file()], capsys, tmp_path, "choose one")
+
+
+def test_concurrency_without_workers(tmp_path, params_file, capsys):
+    fails(["deploy", "--concurrency", "2", "--params", params_file()], capsys, tmp_path, "add --workers")
+
+
+def test_fit_refuses_data_parallel_params(tiny_params):
+    from dcml.fit import fit
+
+    params = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train, nproc_per_node=2))
+    with pytest.raises(ConfigError, match="dcml train"):
+        fit(params, None, None)

@@ -74,7 +74,7 @@ def test_a_sweep_on_two_workers_overlaps_and_matches_a_sequential_sweep(running_
     logs = {name: tmp_path / f"{name}.log" for name in ("worker-a", "worker-b")}
     workers = [
         subprocess.Popen(
-            [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--limit", "1", "--name", name],
+            [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--work-queue", "runs", "--limit", "1", "--name", name],
             cwd=REPO_ROOT,
             env=env,
             stdout=log.open("w"),
