@@ -74,7 +74,19 @@ def test_a_sweep_on_two_workers_overlaps_and_matches_a_sequential_sweep(running_
     logs = {name: tmp_path / f"{name}.log" for name in ("worker-a", "worker-b")}
     workers = [
         subprocess.Popen(
-            [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--work-queue", "runs", "--limit", "1", "--name", name],
+            [
+                str(BIN / "prefect"),
+                "worker",
+                "start",
+                "--pool",
+                POOL,
+                "--work-queue",
+                "runs",
+                "--limit",
+                "1",
+                "--name",
+                name,
+            ],
             cwd=REPO_ROOT,
             env=env,
             stdout=log.open("w"),
@@ -94,10 +106,15 @@ def test_a_sweep_on_two_workers_overlaps_and_matches_a_sequential_sweep(running_
             except subprocess.TimeoutExpired:
                 worker.kill()
 
-    # the two runs: flow runs of the run deployment, overlapping in time, on different workers
-    runs = [run for run in api_post(api, "flow_runs/filter", {}) if run["name"].startswith("dcml-K")]
+    # the two runs: flow runs of the run deployment, subflows of the sweep, overlapping in time, on different workers
+    flow_runs = api_post(api, "flow_runs/filter", {})
+    runs = [run for run in flow_runs if run["name"].startswith("dcml-K")]
     assert sorted(run["name"] for run in runs) == ["dcml-K1-seed0", "dcml-K2-seed0"], runs
     assert all(run["state_type"] == "COMPLETED" for run in runs)
+    (sweep_run,) = [run for run in flow_runs if run["name"] == "sweep"]
+    for run in runs:
+        with urllib.request.urlopen(f"{api}/task_runs/{run['parent_task_run_id']}", timeout=30) as response:
+            assert json.loads(response.read())["flow_run_id"] == sweep_run["id"]  # shown under the sweep in the UI
     (a_start, a_end), (b_start, b_end) = [
         (datetime.fromisoformat(run["start_time"]), datetime.fromisoformat(run["end_time"])) for run in runs
     ]
