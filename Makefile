@@ -16,7 +16,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 # Prefect's database and profile live in the project, not in ~/.prefect.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: help install data demo test test-slow test-all lint bench bench-loader bench-gpu bench-ddp bench-scaleout bench-scale prefect-server worker deploy mlflow-ui up down stack-env clean
+.PHONY: help install data demo test test-slow test-all lint bench bench-loader bench-gpu bench-ddp bench-scaleout bench-scale prefect-server worker run-worker deploy mlflow-ui up down stack-env clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -76,8 +76,11 @@ bench-scale: $(STAMP)  ## scale rehearsal on CPU: SOP-sized synthetic data throu
 prefect-server: $(STAMP)  ## Prefect server + UI on http://127.0.0.1:4200
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
-worker: $(STAMP)  ## a process worker for the scheduled sweeps and `dcml sweep --workers` runs (needs PREFECT_API_URL)
-	$(BIN)/prefect worker start --pool dcml-process $(if $(LIMIT),--limit $(LIMIT))
+worker: $(STAMP)  ## a process worker for the scheduled sweeps: the pool's default queue (needs PREFECT_API_URL)
+	$(BIN)/prefect worker start --pool dcml-process --work-queue default
+
+run-worker: $(STAMP)  ## a worker for `--workers` runs, one at a time (queue `runs`; set CUDA_VISIBLE_DEVICES per GPU)
+	$(BIN)/prefect worker start --pool dcml-process --work-queue runs --limit 1
 
 deploy: $(STAMP)  ## register the nightly K sweep (needs PREFECT_API_URL)
 	$(BIN)/dcml deploy --cron "0 2 * * *" --timezone UTC

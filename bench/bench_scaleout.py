@@ -16,10 +16,8 @@ in the work folder (``--keep``). The demo's data is generated as ``params.yaml``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,25 +31,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
 from dcml.config import load_params, to_dict  # noqa: E402
-
-
-def load_stack():
-    spec = importlib.util.spec_from_file_location("dcml_stack_script", ROOT / "scripts" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+from scripts import stack  # noqa: E402
 
 
 def write_params(path: Path, data_root: str, tracking_uri: str, epochs: int | None, nproc: int = 1) -> Path:
@@ -110,10 +90,9 @@ def bench_sweep(work: Path, data_root: str, args: argparse.Namespace, env: dict)
     command += ["-k", *ks, "--seeds", *seeds]
     seq_seconds = timed(command, {**env, "PREFECT_HOME": str(sequential / "prefect-home")}, sequential / "log.txt")
 
-    stack = load_stack()
     parallel = work / "sweep-workers"
     parallel.mkdir()
-    pg, prefect_port, mlflow_port = free_ports(3)
+    pg, prefect_port, mlflow_port = stack.free_ports(3)
     state = stack.up(parallel / "stack", pg_port=pg, prefect_port=prefect_port, mlflow_port=mlflow_port)
     workers = []
     try:
@@ -123,30 +102,13 @@ def bench_sweep(work: Path, data_root: str, args: argparse.Namespace, env: dict)
         out = parallel / "out"
         deploy = [str(BIN / "dcml"), "deploy", "--workers", "--pool", "bench-pool", "--params", str(params)]
         timed([*deploy, "--out", str(out)], stack_env, parallel / "deploy-log.txt")
-        for index in range(args.workers):
-            log = (parallel / f"worker-{index}.log").open("w")
-            worker = [str(BIN / "prefect"), "worker", "start", "--pool", "bench-pool", "--work-queue", "runs", "--limit", "1"]
-            workers.append(
-                subprocess.Popen(
-                    [*worker, "--name", f"worker-{index}"],
-                    cwd=ROOT,
-                    env=stack_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+        names = [f"worker-{index}" for index in range(args.workers)]
+        workers = stack.start_workers("bench-pool", names, stack_env, parallel, ROOT)
         command = [str(BIN / "dcml"), "sweep", "--workers", "--params", str(params), "--out", str(out)]
         command += ["-k", *ks, "--seeds", *seeds]
         par_seconds = timed(command, stack_env, parallel / "log.txt")
     finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stack.stop_workers(workers)
         stack.down(parallel / "stack", quiet=True)
     return {
         "runs": len({1, *args.sweep_k}) * len(seeds),  # K=1 is always part of a sweep

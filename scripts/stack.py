@@ -688,6 +688,35 @@ def env_lines(state: dict) -> list[str]:
     return [f"export {key}={shlex.quote(value)}" for key, value in values.items()]
 
 
+# --------------------------------------------------------------------------- rehearsals
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free 127.0.0.1 ports (held together while chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def start_workers(pool: str, names: list[str], env: dict, log_dir: Path, cwd: Path, queue: str = "runs") -> list:
+    """Process workers of ``pool`` serving ``queue``, one flow run at a time each (as one per GPU
+    would be started), in sessions of their own; output in ``<log_dir>/<name>.log``."""
+    prefect = find_program("prefect")
+    command = [prefect, "worker", "start", "--pool", pool, "--work-queue", queue, "--limit", "1", "--name"]
+    return [spawn([*command, name], Path(log_dir) / f"{name}.log", env, cwd) for name in names]
+
+
+def stop_workers(workers: list) -> None:
+    """Stop workers from :func:`start_workers` (and the flow runs they started)."""
+    for worker in workers:
+        stop_group(worker.pid, proc_start_time(worker.pid))
+
+
 # --------------------------------------------------------------------------- CLI
 
 EPILOG = f"""\

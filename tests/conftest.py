@@ -4,10 +4,7 @@ and isolated Prefect/MLflow state per test session (telemetry off)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
-import socket
-import sys
 import tempfile
 from pathlib import Path
 
@@ -79,26 +76,9 @@ def tiny_params(tiny_demo_root: Path) -> Params:
 # --- the shared stack (scripts/stack.py): tests/test_stack.py, tests/test_workers.py --------------
 
 
-def load_stack_module():
-    spec = importlib.util.spec_from_file_location("dcml_stack_script", REPO_ROOT / "scripts" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from scripts import stack  # noqa: E402 - scripts/stack.py, the shared stack
 
-
-stack = load_stack_module()
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]  # held together: the ports differ
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+free_ports = stack.free_ports
 
 
 def query(pg_port: int, database: str, sql: str, *args) -> list[tuple]:

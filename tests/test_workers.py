@@ -20,7 +20,7 @@ import yaml
 from dcml.config import load_params, to_dict
 from tasks import io
 from tasks.layout import RunLayout
-from tests.conftest import REPO_ROOT, query, shrink
+from tests.conftest import REPO_ROOT, query, shrink, stack
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -72,39 +72,11 @@ def test_a_sweep_on_two_workers_overlaps_and_matches_a_sequential_sweep(running_
 
     dcml("deploy", "--workers", "--pool", POOL, "--params", str(params), "--out", str(out), env=env)
     logs = {name: tmp_path / f"{name}.log" for name in ("worker-a", "worker-b")}
-    workers = [
-        subprocess.Popen(
-            [
-                str(BIN / "prefect"),
-                "worker",
-                "start",
-                "--pool",
-                POOL,
-                "--work-queue",
-                "runs",
-                "--limit",
-                "1",
-                "--name",
-                name,
-            ],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        for name, log in logs.items()
-    ]
+    workers = stack.start_workers(POOL, list(logs), env, tmp_path, REPO_ROOT)
     try:
         dcml("sweep", "--workers", "--params", str(params), "--out", str(out), "-k", "1", "2", "--seeds", "0", env=env)
     finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stack.stop_workers(workers)
 
     # the two runs: flow runs of the run deployment, subflows of the sweep, overlapping in time, on different workers
     flow_runs = api_post(api, "flow_runs/filter", {})
