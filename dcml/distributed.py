@@ -7,12 +7,13 @@ What a global step is, with ``W`` processes:
 
 * every rank builds the same epoch batches (they depend on the division, the seed and
   the epoch only), so the learner of a step is the same on every rank;
-* each global batch of ``B`` images is cut into ``W`` contiguous shards (sizes as
-  ``numpy.array_split``: they differ by at most one); rank ``r`` loads and embeds shard
-  ``r``, each image with the augmentation seed of its position in the global batch;
+* each global batch of ``B`` images is cut into ``W`` strided shards (:class:`Shard`: rank
+  ``r`` takes positions ``r, r + W, ...``, so every rank sees every class of the batch);
+  rank ``r`` loads and embeds its shard, each image with the augmentation seed of its
+  position in the global batch;
 * the shards' embeddings are all-gathered *with autograd* (``torch.distributed.nn``), so
   the loss — distance-weighted negative sampling included — sees the whole global batch,
-  in the single-process order, with the same sampling generator on every rank. Every
+  put back in the single-process order, with the same sampling generator on every rank. Every
   rank computes this same loss; backward through the gather sums the ``W`` identical
   gradients of each shard, and DDP's all-reduce averages the parameters' gradients over
   the ranks, which gives exactly the single-process gradient ``dL/dθ``. (The mask
@@ -44,21 +45,35 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's part of every global batch: rank ``rank`` of ``world`` processes."""
+    """This process's part of every global batch: rank ``rank`` of ``world`` processes.
+
+    Strided: rank ``r`` takes positions ``r, r + world, r + 2 world, ...`` of the global
+    batch. Batches hold M images per class next to each other, so every rank sees every
+    class of the batch (M / world images each) — per-rank BatchNorm statistics (CPU) then
+    describe the same mixture of classes on every rank, as the global batch's do;
+    contiguous shards would give each rank a few whole classes and normalise the ranks'
+    images differently (measured on the demo: R@1 80.4 with contiguous shards vs 87.6 in
+    one process).
+    """
 
     rank: int = 0
     world: int = 1
 
-    def sizes(self, batch_size: int) -> list[int]:
-        """Images per rank of a global batch of ``batch_size`` (contiguous, array_split sizes)."""
-        base, extra = divmod(batch_size, self.world)
-        return [base + (1 if r < extra else 0) for r in range(self.world)]
+    def positions(self, batch_size: int) -> range:
+        """The positions of this rank's images in a global batch of ``batch_size``."""
+        return range(self.rank, batch_size, self.world)
 
-    def bounds(self, batch_size: int) -> tuple[int, int]:
-        """[start, stop) of this rank's shard in a global batch of ``batch_size``."""
-        sizes = self.sizes(batch_size)
-        start = sum(sizes[: self.rank])
-        return start, start + sizes[self.rank]
+    def sizes(self, batch_size: int) -> list[int]:
+        """Images per rank of a global batch of ``batch_size`` (differ by at most one)."""
+        return [len(Shard(r, self.world).positions(batch_size)) for r in range(self.world)]
+
+    def gathered_order(self, batch_size: int) -> np.ndarray:
+        """Index that puts the rank-ordered concatenation of all shards back into the
+        global batch's order."""
+        concatenated = np.concatenate(
+            [np.asarray(Shard(r, self.world).positions(batch_size)) for r in range(self.world)]
+        )
+        return np.argsort(concatenated, kind="stable")
 
 
 SINGLE = Shard()
@@ -110,18 +125,18 @@ def wrap(model: nn.Module, device: torch.device, *, sync_batchnorm: bool) -> nn.
         return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, **options)
 
 
-def gather_batch(local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """The global batch's embeddings from every rank's shard, in rank order, with autograd.
-
-    Shards may differ by one row: each is padded to the largest, gathered, and trimmed.
-    """
-    width = max(sizes)
-    padded = nn.functional.pad(local, (0, 0, 0, width - local.shape[0]))
+def gather_batch(local: torch.Tensor, shard: Shard, batch_size: int) -> torch.Tensor:
+    """The global batch's embeddings from every rank's shard, in the global batch's order,
+    with autograd. Shards may differ by one row: each is padded to the largest, gathered,
+    trimmed, concatenated and put back in order."""
+    sizes = shard.sizes(batch_size)
+    padded = nn.functional.pad(local, (0, 0, 0, max(sizes) - local.shape[0]))
     with warnings.catch_warnings():
         # deprecated in favour of a private module (torch.distributed._functional_collectives)
         warnings.simplefilter("ignore", FutureWarning)
         parts = torch.distributed.nn.functional.all_gather(padded)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+    gathered = torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+    return gathered[torch.from_numpy(shard.gathered_order(batch_size)).to(gathered.device)]
 
 
 def average_gradients(parameters: Sequence[nn.Parameter], world: int) -> None:

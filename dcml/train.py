@@ -98,8 +98,9 @@ class EpochBatchSampler:
     augmentation of an image is a function of (epoch seed, step, position) alone, the
     same with 0 or 16 workers and whatever order they finish in.
 
-    Under data parallelism (``shard``) it yields this rank's contiguous part of each
-    batch; positions stay those of the global batch, so augmentations do not change.
+    Under data parallelism (``shard``) it yields this rank's part of each batch
+    (:class:`~dcml.distributed.Shard`); positions stay those of the global batch, so
+    augmentations do not change.
     """
 
     def __init__(self, shard: Shard = SINGLE) -> None:
@@ -115,8 +116,7 @@ class EpochBatchSampler:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step, (_, indices) in enumerate(self.batches):
-            start, stop = self.shard.bounds(len(indices))
-            yield [(int(indices[p]), item_seed(self.seed, step, p)) for p in range(start, stop)]
+            yield [(int(indices[p]), item_seed(self.seed, step, p)) for p in self.shard.positions(len(indices))]
 
 
 def item_seed(epoch_seed: int, step: int, position: int) -> int:
@@ -191,7 +191,7 @@ def train_epoch(
         with autocast:
             embeddings = model(images, num_learners=num_learners, learner=learner)
         if distributed:  # the loss sees the whole global batch, in its single-process order
-            embeddings = gather_batch(embeddings, shard.sizes(len(indices)))
+            embeddings = gather_batch(embeddings, shard, len(indices))
             labels = global_labels(dataset_labels, indices)
         # labels stay on the CPU: the loss derives the batch's pair structure there, so
         # nothing in the step waits for the GPU (dcml.losses.sampling)

@@ -35,13 +35,20 @@ WORKER = REPO_ROOT / "tests" / "distributed_worker.py"
 
 @pytest.mark.parametrize("batch", [1, 2, 7, 9, 12, 32])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_shards_are_numpy_array_split(batch, world):
-    positions = np.arange(batch)
-    expected = np.array_split(positions, world)
-    for rank in range(world):
-        start, stop = Shard(rank, world).bounds(batch)
-        assert positions[start:stop].tolist() == expected[rank].tolist()
-    assert Shard(0, world).sizes(batch) == [len(part) for part in expected]
+def test_shards_cover_the_batch_once_and_the_gather_restores_its_order(batch, world):
+    shards = [Shard(rank, world) for rank in range(world)]
+    positions = [list(shard.positions(batch)) for shard in shards]
+    assert sorted(p for part in positions for p in part) == list(range(batch))  # each image once
+    assert max(map(len, positions)) - min(map(len, positions)) <= 1
+    assert shards[0].sizes(batch) == [len(part) for part in positions]
+    concatenated = np.array([p for part in positions for p in part])  # what the all-gather yields
+    assert concatenated[shards[0].gathered_order(batch)].tolist() == list(range(batch))
+
+
+def test_every_rank_sees_every_class_of_a_batch():
+    labels = np.repeat(np.arange(8), 4)  # P=8 classes x M=4 images, next to each other as batches are
+    for rank in range(2):
+        assert set(labels[list(Shard(rank, 2).positions(len(labels)))]) == set(range(8))
 
 
 def test_the_ranks_load_the_global_batches_with_their_global_augmentation_seeds():
@@ -52,7 +59,9 @@ def test_the_ranks_load_the_global_batches_with_their_global_augmentation_seeds(
     for sampler in ranks:
         sampler.set_epoch(batches, seed=17)
     for whole, *parts in zip(single, *ranks, strict=True):
-        assert [item for part in parts for item in part] == whole  # indices and seeds
+        gathered = [item for part in parts for item in part]
+        order = Shard(0, 3).gathered_order(len(whole))
+        assert [gathered[i] for i in order] == whole  # indices and seeds, back in the batch's order
 
 
 def run_worker(out: Path, nproc: int, freeze_bn: bool, learners: str) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -134,16 +135,20 @@ def test_a_sweep_on_two_workers_overlaps_and_matches_a_sequential_sweep(running_
     names = {name for run_id, name in rows if (run_id,) in children}
     assert names == {"K1-seed0", "K2-seed0"}, rows
 
-    # the run outputs versioned with DVC and pushed to the stack's remote
+    # the dataset and the run outputs versioned with DVC (as this repository's `sweep` stage
+    # does: `dvc commit` records what the workers wrote) and pushed to the stack's remote
+    shutil.copytree(tiny_demo_root, project / "data")
+    stage = {"cmd": "dcml sweep --workers --params params.yaml --out outputs", "deps": ["data"]}
+    stage["outs"] = [{"outputs/runs": {"persist": True}}]
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sweep": stage}}))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], cwd=project, check=True)
-    for command in (
-        ["init", "-q"],
-        ["remote", "add", "--local", "-d", "shared", remote],
-        ["add", "-q", "outputs/runs"],
-    ):
+    dvc_commands = (["init", "-q"], ["remote", "add", "--local", "-d", "shared", remote], ["add", "-q", "data"])
+    for command in (*dvc_commands, ["commit", "-f", "-q", "sweep"]):
         subprocess.run([str(BIN / "dvc"), *command], cwd=project, check=True, env=env)
+    assert "outputs/runs" in (project / "dvc.lock").read_text()
     pushed = subprocess.run([str(BIN / "dvc"), "push"], cwd=project, env=env, capture_output=True, text=True)
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
-    assert re.search(r"\d+ files? pushed", pushed.stdout), pushed.stdout
-    assert any(path.is_file() for path in Path(remote).rglob("*"))
+    count = int(re.search(r"(\d+) files? pushed", pushed.stdout).group(1))
+    data_files = sum(1 for path in (project / "data").rglob("*") if path.is_file())
+    assert count > data_files  # the dataset's files and the runs'
