@@ -44,7 +44,7 @@ demo: data  ## the main job: `dvc repro` = K sweep (K=1 baseline and K>1) on the
 test: $(STAMP)  ## the test suite (CPU, a few minutes; slow end-to-end tests excluded)
 	env -u PREFECT_API_URL $(PY) -m pytest -m "not slow" -q
 
-test-slow: $(STAMP)  ## the slow tests: real prefect server + process worker + deployment
+test-slow: $(STAMP)  ## the slow tests with real services: prefect server + workers, the PostgreSQL stack, torchrun
 	env -u PREFECT_API_URL $(PY) -m pytest -m slow -q
 
 test-all: $(STAMP)  ## every test
