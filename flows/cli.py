@@ -147,12 +147,14 @@ def _deploy(args: argparse.Namespace) -> None:
     schedule = f"{args.cron!r} ({args.timezone})"
     print(f"deployment {args.name!r} ({deployment_id}) on work pool {args.pool!r}, schedule {schedule}")
     if args.workers:
-        from flows.remote import RUN_DEPLOYMENT
+        from flows.remote import RUN_DEPLOYMENT, RUN_QUEUE
 
-        print(f"runs: deployment {RUN_DEPLOYMENT!r} on {args.pool!r}; `dcml sweep --workers` submits to it")
+        print(f"runs: deployment {RUN_DEPLOYMENT!r}, work queue {RUN_QUEUE!r}; `dcml sweep --workers` submits to it")
         print(
-            f"start one worker per GPU with: CUDA_VISIBLE_DEVICES=<i> prefect worker start --pool {args.pool} --limit 1"
+            "start one worker per GPU (per train.nproc_per_node GPUs) with: CUDA_VISIBLE_DEVICES=<i> "
+            f"prefect worker start --pool {args.pool} --work-queue {RUN_QUEUE} --limit 1"
         )
+        print(f"and one for the scheduled sweep: prefect worker start --pool {args.pool} --work-queue default")
     else:
         print(f"start a worker with: prefect worker start --pool {args.pool}")
 

@@ -78,7 +78,13 @@ def run_on_workers(
         result = results_dir / f"K{k}-seed{seed}.json"
         result.unlink(missing_ok=True)
         parameters = {**run_parameters, "num_learners": k, "seed": seed, "result_file": str(result)}
-        flow_run = run_deployment(deployment, parameters=parameters, tags=["dcml", f"K{k}", f"seed{seed}"], timeout=0)
+        flow_run = run_deployment(
+            deployment,
+            parameters=parameters,
+            flow_run_name=f"dcml-K{k}-seed{seed}",  # as the run flow names itself
+            tags=["dcml", f"K{k}", f"seed{seed}"],
+            timeout=0,
+        )
         submitted[(k, seed)] = (flow_run.id, result)
         logger.info("K%d seed %d: flow run %s submitted to %s", k, seed, flow_run.name, deployment)
     try:
