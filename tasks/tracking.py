@@ -173,14 +173,14 @@ def _run_exists(mlflow_client: MlflowClient, run_id: str) -> bool:
         return False
 
 
-@task(
-    name="start-tracking",
-    task_run_name="start-tracking-{run_name}",
-    retries=2,
-    retry_delay_seconds=2,
-    cache_policy=NO_CACHE,
-    tags=["tracking"],
-)
+def _tracking_task(name: str, run_name: str):
+    """A Prefect task that talks to MLflow: retried twice (a busy server), never cached."""
+    return task(
+        name=name, task_run_name=run_name, retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, tags=["tracking"]
+    )
+
+
+@_tracking_task("start-tracking", "start-tracking-{run_name}")
 def start_run(
     params: Params,
     run_name: str,
@@ -351,14 +351,7 @@ def run_link(params: Params, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment}/runs/{run_id}"
 
 
-@task(
-    name="log-artifacts",
-    task_run_name="log-artifacts",
-    retries=2,
-    retry_delay_seconds=2,
-    cache_policy=NO_CACHE,
-    tags=["tracking"],
-)
+@_tracking_task("log-artifacts", "log-artifacts")
 def log_artifacts(params: Params, run_id: str, files: dict[str, str], state_file: str) -> None:
     """``files`` maps an artifact folder to a local file or folder; logged once per run."""
     if _is_done(state_file, "artifacts"):
@@ -407,14 +400,7 @@ def log_model(params: Params, run_id: str, checkpoint: str, state_file: str) -> 
     return info.model_id
 
 
-@task(
-    name="end-tracking",
-    task_run_name="end-tracking-{run_name}",
-    retries=2,
-    retry_delay_seconds=2,
-    cache_policy=NO_CACHE,
-    tags=["tracking"],
-)
+@_tracking_task("end-tracking", "end-tracking-{run_name}")
 def end_run(params: Params, run_id: str, run_name: str, status: str = "FINISHED") -> None:
     client(params).set_terminated(run_id, status=status)
 
@@ -427,14 +413,7 @@ def mark_failed(params: Params, run_id: str, run_name: str) -> None:
         logging.getLogger(__name__).warning("could not mark MLflow run %s (%s) failed: %s", run_name, run_id, error)
 
 
-@task(
-    name="log-summary",
-    task_run_name="log-summary",
-    retries=2,
-    retry_delay_seconds=2,
-    cache_policy=NO_CACHE,
-    tags=["tracking"],
-)
+@_tracking_task("log-summary", "log-summary")
 def log_summary(params: Params, run_id: str, summary: dict[str, Any], state_file: str) -> None:
     """A comparison's statistics over seeds (``tasks.report.summary_of``) on the sweep's
     parent run at step 0: ``<variant>/<metric>_mean`` and ``_std``, and for K > 1
@@ -464,14 +443,7 @@ def log_summary(params: Params, run_id: str, summary: dict[str, Any], state_file
     _mark_done(state_file, key)
 
 
-@task(
-    name="register-model",
-    task_run_name="register-model",
-    retries=2,
-    retry_delay_seconds=2,
-    cache_policy=NO_CACHE,
-    tags=["tracking"],
-)
+@_tracking_task("register-model", "register-model")
 def register_best(params: Params, results: list[dict[str, Any]], parent_run_id: str) -> dict[str, Any] | None:
     """The experiment's registered model (named like the experiment) gets the best K of
     this sweep as a version with the alias ``best``: the K with the highest mean R@1

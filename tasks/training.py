@@ -23,6 +23,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import task_run
 
 from dcml.clustering import kmeans_seed
+from dcml.device import available_cpus
 from dcml.division import all_data, next_division
 from dcml.evaluate import evaluate_embeddings
 from dcml.schedule import Segment
@@ -160,7 +161,7 @@ OUTER_DISTRIBUTED_ENV = (
 
 def _train_distributed(layout: RunLayout, checkpoint: str, division: str | None, segment: Segment, nproc: int) -> None:
     """The segment on ``nproc`` processes under torchrun; their output goes to the task's log."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = available_cpus()
     env = {k: v for k, v in os.environ.items() if k not in OUTER_DISTRIBUTED_ENV and not k.startswith("TORCHELASTIC_")}
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // nproc)))
     logger = _logger()
