@@ -341,3 +341,27 @@ def nmi(
     num_classes = len(np.unique(labels))
     assignment = kmeans(embeddings, num_classes, niter=niter, seed=seed, use_gpu=use_gpu)
     return float(normalized_mutual_info_score(labels, assignment, average_method=average_method))
+
+
+def ranking_summary(
+    gallery_codes: np.ndarray,
+    ranked: Sequence[np.ndarray],
+    query_codes: np.ndarray,
+    relevant: np.ndarray | None,
+    ks: Sequence[int],
+) -> dict[str, float]:
+    """Recall@k (and with ``relevant`` MAP@R and R-precision) of rankings computed elsewhere
+    (a saved faiss index): ``ranked[q]`` holds the gallery positions query ``q`` retrieved,
+    best first (itself already left out; may be shorter than the others), ``gallery_codes``
+    / ``query_codes`` integer labels, ``relevant`` (n,) each query's R."""
+    ks = [int(k) for k in ks]
+    width = max([len(r) for r in ranked] + [max(ks, default=0)])
+    positions = np.full((len(ranked), width), -1, dtype=np.int64)
+    for row, found in enumerate(ranked):
+        positions[row, : len(found)] = found
+    matches = (positions >= 0) & (gallery_codes[np.maximum(positions, 0)] == np.asarray(query_codes)[:, None])
+    first_hit = _first_hit_rank(matches)
+    if relevant is None:
+        nan = np.full(len(ranked), np.nan)
+        return _summarise(first_hit, nan, nan, ks, False)
+    return _summarise(first_hit, *_precision_at_r(matches, np.asarray(relevant)), ks, True)

@@ -263,6 +263,10 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--concurrency", type=int, help="with --workers: at most this many runs at once (all workers)")
     serve.set_defaults(func=_deploy)
+
+    from flows.cli_retrieval import add_commands
+
+    add_commands(commands)
     return main
 
 
@@ -295,11 +299,12 @@ def _run(args: argparse.Namespace) -> int:
     from dcml.checkpoint import CheckpointError
     from dcml.config import ConfigError
     from dcml.data.errors import DatasetError
+    from dcml.retrieval import RetrievalError
     from tasks.locks import BusyError
 
     try:
         args.func(args)
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError, BusyError) as error:
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError, BusyError, RetrievalError) as error:
         print(f"dcml: error: {error}", file=sys.stderr)
         return 2
     return 0

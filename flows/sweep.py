@@ -178,6 +178,7 @@ def _sweep(
             str(parent_state),
         )
         registered = tracking.register_best(params, results, parent_id)
+        report.write_best(out_dir, results, params.train.epochs, registered)  # what `dcml embed` can use
         tracking.end_run(params, parent_id, "sweep")
         artifacts.sweep_table(out_dir, registered)
     except BaseException:

@@ -272,3 +272,39 @@ def _rounded(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _rounded(v) for k, v in value.items()}
     return round(value, 5) if isinstance(value, float) else value
+
+
+def best_of(results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The sweep's best run: the K with the highest mean R@1 over seeds (ties: the smaller
+    K), and of its runs the one with the highest R@1 (ties: the smaller seed). ``results``
+    are the runs' flow results (``num_learners``, ``seed``, ``recall@1``, ...); runs without
+    R@1 are left out; ``None`` when none has one. The one rule for ``best.json`` and the
+    registered model's ``best`` alias."""
+    scored = [r for r in results if r.get("recall@1") is not None]
+    if not scored:
+        return None
+    by_k: dict[int, list[dict[str, Any]]] = {}
+    for result in scored:
+        by_k.setdefault(int(result["num_learners"]), []).append(result)
+    best_k = max(by_k, key=lambda k: (float(np.mean([r["recall@1"] for r in by_k[k]])), -k))
+    return max(by_k[best_k], key=lambda r: (r["recall@1"], -int(r["seed"])))
+
+
+def write_best(out_dir: str, results: Sequence[dict[str, Any]], epochs: int, registered: dict | None) -> str | None:
+    """``<out>/best.json``: the best run (:func:`best_of`), its folder and final checkpoint
+    (relative to ``out_dir``'s parent when ``out_dir`` is relative), and — when the sweep
+    registered it — its MLflow model URI. What ``dcml embed outputs/best.json`` embeds with."""
+    best = best_of(results)
+    if best is None:
+        return None
+    layout = RunLayout(Path(out_dir) / "runs" / Path(best["run_dir"]).name)
+    record = {
+        "num_learners": int(best["num_learners"]),
+        "seed": int(best["seed"]),
+        "recall@1": float(best["recall@1"]),
+        "run_dir": str(layout.root),
+        "checkpoint": str(layout.checkpoint(epochs)),
+        "mlflow_run_id": best.get("mlflow_run_id"),
+        "model_uri": f"models:/{registered['name']}@best" if registered else None,
+    }
+    return str(io.write_json(Path(out_dir) / "best.json", record))

@@ -110,12 +110,12 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()  # decode now so truncation is caught here, not in a worker later
-            return _to_rgb(image)
+            return to_rgb(image)
     except Exception as error:  # any failure to open or decode means a bad file
         raise DatasetError(f"cannot read image {path}: {error}") from error
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image.copy()
     if image.mode in _SIXTEEN_BIT_MODES:
