@@ -169,6 +169,14 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class RetrievalConfig:
+    """The pipeline's retrieval stages (``dvc.yaml``: embed, index, index-eval) after the sweep."""
+
+    split: Literal["train", "test", "query", "gallery"] = "test"  # what the best model embeds and indexes
+    factory: str = "Flat"  # faiss index_factory string: Flat (exact), HNSW32,Flat, IVF1024,Flat, ...
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     preset: str = "none"  # name of a file in dcml/presets/ overlaid on these values
@@ -180,6 +188,7 @@ class Params:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
 
 def load_params(path: str | Path, *, resolve_preset: bool = True) -> Params:
@@ -416,6 +425,7 @@ def validate(params: Params, num_train_classes: int | None = None) -> None:
         (params.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (params.eval.every_epochs >= 1, "eval.every_epochs must be >= 1"),
         (bool(params.sweep.num_learners) and bool(params.sweep.seeds), "sweep lists must be non-empty"),
+        (bool(params.retrieval.factory.strip()), "retrieval.factory must be a faiss index_factory string, e.g. Flat"),
     ]
     for ok, message in rules:
         if not ok:

@@ -82,6 +82,7 @@ class LoadedModel:
         data = self.params.data
         return {
             "checkpoint": self.checkpoint,
+            "checkpoint_absolute": str(Path(self.checkpoint).resolve()),
             "sha256": self.digest,
             "epoch": self.epoch,
             "backbone": self.params.model.backbone,
@@ -89,6 +90,7 @@ class LoadedModel:
             "num_learners": self.params.cluster.num_learners,
             "num_slices": self.embedder.num_slices,
             "dimension": self.dimension,
+            "recall_ks": list(self.params.eval.recall_ks),
             "transform": {
                 "resize": data.resize_size,
                 "center_crop": data.image_size,

@@ -101,9 +101,9 @@ def index_model(info: dict, params_path: str) -> Path:
     from tasks.models import resolve_model
 
     model = info["model"]
-    checkpoint = Path(model["checkpoint"])
-    if checkpoint.is_file() and file_digest(checkpoint) == model["sha256"]:
-        return checkpoint
+    for recorded in (model["checkpoint"], model.get("checkpoint_absolute")):
+        if recorded and Path(recorded).is_file() and file_digest(recorded) == model["sha256"]:
+            return Path(recorded)
     for spec in (model.get("mlflow_model_uri"), model.get("source")):
         if spec:
             try:
@@ -181,7 +181,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("index", metavar="IDX")
     evaluate.add_argument("--queries", required=True, metavar="EMB", help="a `dcml embed` folder with labels")
-    evaluate.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], help="recall@k for these k (1 2 4 8)")
+    evaluate.add_argument("--k", type=int, nargs="+", help="recall@k for these k (default: the model's eval.recall_ks)")
     evaluate.add_argument("--out", metavar="FILE", help="also write the metrics as JSON to FILE")
     evaluate.add_argument("--no-mlflow", action="store_true", help="do not log to the model's MLflow run")
     evaluate.add_argument("--params", default="params.yaml", help="for the MLflow tracking URI (default: params.yaml)")

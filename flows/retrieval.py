@@ -32,5 +32,5 @@ def retrieval_chain(
     )
     index = retrieval.build_index(embeddings, str(out / "index"), factory, device)
     return retrieval.evaluate_index(
-        index, embeddings, list(ks or (1, 2, 4, 8)), str(out / "index-metrics.json"), params_path=params_path
+        index, embeddings, list(ks) if ks else None, str(out / "index-metrics.json"), params_path=params_path
     )

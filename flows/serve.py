@@ -16,22 +16,25 @@ import base64
 import binascii
 from typing import Any
 
+import numpy as np
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, Field
+
 from dcml.retrieval import RetrievalError
 from dcml.retrieval.search import Searcher
 
 
-def create_app(searcher: Searcher):
-    from fastapi import FastAPI, HTTPException
-    from pydantic import BaseModel, Field
+class KnnRequest(BaseModel):
+    image: str | None = Field(None, description="base64 of an image file (JPEG, PNG, ...)")
+    images: list[str] | None = Field(None, description="a batch of base64 image files")
+    embedding: list[float] | None = Field(None, description="a query embedding of the index's dimension")
+    embeddings: list[list[float]] | None = Field(None, description="a batch of query embeddings")
+    k: int = Field(10, ge=1, description="neighbours per query")
+    learner: int | None = Field(None, ge=0, description="search in this learner's sub-space")
 
-    class KnnRequest(BaseModel):
-        image: str | None = Field(None, description="base64 of an image file (JPEG, PNG, ...)")
-        images: list[str] | None = Field(None, description="a batch of base64 image files")
-        embedding: list[float] | None = Field(None, description="a query embedding of the index's dimension")
-        embeddings: list[list[float]] | None = Field(None, description="a batch of query embeddings")
-        k: int = Field(10, ge=1, description="neighbours per query")
-        learner: int | None = Field(None, ge=0, description="search in this learner's sub-space")
 
+def create_app(searcher: Searcher) -> FastAPI:
+    """The FastAPI app over ``searcher`` (see the module docstring)."""
     app = FastAPI(title="dcml search", description="nearest neighbours in a dcml faiss index")
     info = searcher.index.info
 
@@ -57,8 +60,6 @@ def create_app(searcher: Searcher):
                 encoded = [request.image] if request.image is not None else request.images
                 vectors = searcher.embed_images([_decode(text, i) for i, text in enumerate(encoded)])
             else:
-                import numpy as np
-
                 rows = [request.embedding] if request.embedding is not None else request.embeddings
                 vectors = np.asarray(rows, dtype=np.float32)
             results = searcher.search(vectors, request.k, request.learner)

@@ -59,7 +59,8 @@ def nothing_to_compute(params: Params, points: list[tuple[int, int]], out_dir: s
 
 def sweep_key(params: Params, points: list[tuple[int, int]]) -> str:
     """What makes two sweeps the same one: the params and the points (the folder is ``--out``)."""
-    text = json.dumps({"params": to_dict(params), "points": sorted(points)}, sort_keys=True, default=str)
+    settings = {key: value for key, value in to_dict(params).items() if key != "retrieval"}  # after the sweep
+    text = json.dumps({"params": settings, "points": sorted(points)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -83,7 +83,7 @@ class RunLayout:
 # Keys that do not change what a run computes: they are left out of the run's key, so
 # changing them continues the same run. (``data.num_workers`` does not: every image's
 # augmentation is seeded on its own, see dcml.train.EpochBatchSampler.)
-NOT_RESULT_KEYS = ("tracking", "sweep", "train.keep_checkpoints", "data.num_workers")
+NOT_RESULT_KEYS = ("tracking", "sweep", "retrieval", "train.keep_checkpoints", "data.num_workers")
 
 
 # Options that are off leave the hash: their keys act only when switched on, so adding

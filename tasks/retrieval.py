@@ -81,12 +81,13 @@ def build_index(embeddings: str, out: str, factory: str = "Flat", device: str = 
 def evaluate_index(
     index: str,
     queries: str,
-    ks: list[int],
+    ks: list[int] | None = None,
     out: str | None = None,
     log_to_mlflow: bool = True,
     params_path: str = "params.yaml",
 ) -> dict[str, Any]:
-    """``dcml index eval``: metrics through the saved index; written to ``out`` (JSON) and
+    """``dcml index eval``: metrics through the saved index at ``ks`` (default: the model's
+    ``eval.recall_ks``); written to ``out`` (JSON) and
     logged to the model's MLflow run (``index/<metric>``) when it has one."""
     folder = load_index_folder(index)
     query_set = store.read_embeddings(queries)
@@ -96,6 +97,7 @@ def evaluate_index(
         exact = store.read_embeddings(source)
         if exact.info["digest"] != folder.info["embeddings"]["digest"]:
             raise RetrievalError(f"{source} no longer holds the embeddings the index {index} was built from")
+    ks = ks or folder.info["model"].get("recall_ks") or [1, 2, 4, 8]  # default: as the run evaluated
     metrics = evaluate_through_index(folder, query_set, ks, exact_embeddings=exact)
     result = {"index": str(index), "queries": str(queries), **metrics}
     if out:
