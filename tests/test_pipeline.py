@@ -173,3 +173,41 @@ def test_final_model_is_the_last_epoch_never_selected_on_test(sweep_result, caps
     assert main(["evaluate", str(k4 / "checkpoints" / "epoch-0003.pt"), "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["epoch"] == 3 and printed["recall@1"] == pytest.approx(last["recall@1"])
+
+
+# --- the trained model in use: dcml embed / index (tests/test_retrieval.py has the rest) -------
+
+
+def test_embed_of_the_test_split_equals_the_pipelines_test_embedding(sweep_result, tmp_path):
+    """Bit-identical on the CPU: same transform, same batches, same test embedding; and a
+    Flat index over it evaluates exactly as the run's final evaluation."""
+    from dcml.retrieval import store
+    from flows.cli import main
+
+    for name, run_dir in sweep_result["result"]["runs"].items():
+        layout = RunLayout(Path(run_dir))
+        emb, idx, out = tmp_path / f"{name}-emb", tmp_path / f"{name}-idx", tmp_path / f"{name}.json"
+        assert main(["embed", run_dir, "--split", "test", "--out", str(emb), "--num-workers", "0"]) == 0
+        stored, labels, indices, _ = io.read_embeddings(layout.embeddings("test", 3))
+        ours = store.read_embeddings(emb)
+        np.testing.assert_array_equal(ours.embeddings, stored)
+        assert ours.ids.tolist() == indices.tolist()
+        assert main(["index", "build", str(emb), "--out", str(idx)]) == 0
+        assert main(["index", "eval", str(idx), "--queries", str(emb), "--out", str(out), "--no-mlflow"]) == 0
+        through_index, final = json.loads(out.read_text()), io.read_json(layout.final_metrics)
+        for metric in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision"):
+            assert through_index[metric] == final[metric], (name, metric)
+
+
+def test_retrieval_flow_uses_the_best_model_and_logs_to_its_mlflow_run(sweep_result, tmp_path):
+    from flows.retrieval import retrieval_chain
+
+    best_file = sweep_result["folder"] / "outputs" / "best.json"
+    best = json.loads(best_file.read_text())
+    finals = {n: io.read_json(RunLayout(Path(d)).final_metrics) for n, d in sweep_result["result"]["runs"].items()}
+    assert best["recall@1"] == max(m["recall@1"] for m in finals.values())
+    result = retrieval_chain(str(best_file), str(tmp_path / "retrieval"), params_path=str(sweep_result["params_path"]))
+    assert result["recall@1"] == best["recall@1"]
+    assert json.loads((tmp_path / "retrieval" / "index-metrics.json").read_text())["recall@1"] == best["recall@1"]
+    run = mlflow.tracking.MlflowClient(sweep_result["uri"]).get_run(best["mlflow_run_id"])
+    assert run.data.metrics["index/recall_at_1"] == best["recall@1"]
