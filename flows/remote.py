@@ -42,7 +42,7 @@ def check_deployment(name: str) -> None:
     if not url:
         raise ConfigError(
             "--workers needs the Prefect server the workers poll: set PREFECT_API_URL (make up; eval "
-            '"$(make -s stack-env)"), see README "Scaling out"'
+            '"$(make -s stack-env)"), see docs/scaling.md'
         )
 
     async def read() -> None:

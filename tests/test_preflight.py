@@ -179,7 +179,7 @@ def test_a_valid_command_gets_as_far_as_the_server(tmp_path, params_file):
         main(["train", "--params", params_file(), "--out", str(tmp_path / "out")])
 
 
-# --- scale-out options (README "Scaling out") ---------------------------------------------------
+# --- scale-out options (docs/scaling.md) ---------------------------------------------------
 
 
 def test_more_processes_than_gpus(tmp_path, params_file, capsys, monkeypatch):

@@ -62,7 +62,7 @@ class DatasetBundle:
 
 
 def build_bundle(splits: Splits, config: DataConfig) -> DatasetBundle:
-    """Datasets with the SPEC's transforms; with ``skip_corrupt`` unreadable files are dropped."""
+    """Datasets with the method's transforms (docs/method.md); with ``skip_corrupt`` unreadable files are dropped."""
     skipped: tuple[str, ...] = ()
     if config.skip_corrupt:
         splits, skipped = _without_unreadable(splits)
