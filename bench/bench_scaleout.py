@@ -104,7 +104,7 @@ def bench_sweep(work: Path, data_root: str, args: argparse.Namespace, env: dict)
         timed([*deploy, "--out", str(out)], stack_env, parallel / "deploy-log.txt")
         names = [f"worker-{index}" for index in range(args.workers)]
         workers = stack.start_workers("bench-pool", names, stack_env, parallel, ROOT)
-        command = [str(BIN / "dcml"), "sweep", "--workers", "--params", str(params), "--out", str(out)]
+        command = [str(BIN / "dcml"), "sweep", "--deployment", "--params", str(params), "--out", str(out)]
         command += ["-k", *ks, "--seeds", *seeds]
         par_seconds = timed(command, stack_env, parallel / "log.txt")
     finally:

@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from dcml.config import ConfigError
+
 # No telemetry from Prefect, MLflow or DVC, also outside `make` (the Makefile sets the
 # same); defaults only, so a user can opt in. Set before any of them is imported.
 TELEMETRY_OFF = {
@@ -15,6 +17,8 @@ TELEMETRY_OFF = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DVC_NO_ANALYTICS": "1",
+    # Prefect's temporary server takes 12-22 s to start on a small machine (default limit 20 s)
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 for _key, _value in TELEMETRY_OFF.items():
     os.environ.setdefault(_key, _value)
@@ -51,10 +55,16 @@ def _sweep(args: argparse.Namespace) -> None:
     from flows.sweep import owning, sweep, sweep_points_of
     from tasks.runs import preflight
 
+    if args.keep:
+        _deprecated("--keep", "other run folders are kept unless --prune is given")
+    if args.workers:
+        _deprecated("--workers", "use --deployment [NAME]")
+        args.deployment = args.deployment or args.workers
+    args.workers = args.deployment
     points = sweep_points_of(args.params, args.num_learners, args.seeds)
     params = preflight(args.params, points, args.out, local=not args.workers)
     if args.workers and args.concurrent:
-        raise ConfigError("--concurrent runs the K values in this process; --workers on the workers: choose one")
+        raise ConfigError("--concurrent runs the K values in this process; --deployment on the workers: choose one")
     if args.workers:
         from flows.remote import check_deployment
 
@@ -70,7 +80,7 @@ def _sweep(args: argparse.Namespace) -> None:
             args.num_learners,
             args.seeds,
             args.concurrent or None,
-            not args.keep,
+            args.prune,
             args.fresh,
             args.wait,
             args.workers,
@@ -88,14 +98,19 @@ def _evaluate(args: argparse.Namespace) -> None:
     from dcml.metrics import NMI_AVERAGE_METHOD
     from dcml.trainer import Trainer
 
+    if args.num_learners is not None:
+        _deprecated("--num-learners/-k of evaluate", "use --slices N")
+        args.slices = args.slices if args.slices is not None else args.num_learners
     trainer = Trainer.for_inference(args.checkpoint, resolve_device(args.device))
     params = trainer.params
     data = params.data if args.data_root is None else replace(params.data, root=args.data_root)
     bundle = build_bundle(load_splits(data), data)
     # by default the checkpoint's own test embedding, as the pipeline evaluated it
-    slices = checkpoint_test_slices(params, trainer.epochs_done) if args.num_learners is None else args.num_learners
+    slices = checkpoint_test_slices(params, trainer.epochs_done) if args.slices is None else args.slices
     if params.model.learners == "masks" and slices != 1:
-        raise ConfigError(f"{args.checkpoint} has learner masks, not slices: its test embedding is the full one (-k 1)")
+        raise ConfigError(
+            f"{args.checkpoint} has learner masks, not slices: its test embedding is the full one (--slices 1)"
+        )
     embeddings, labels, _ = trainer.embed(bundle.test, num_learners=slices)
     metrics = evaluate_embeddings(embeddings, labels, bundle.splits, params.eval, seed=params.seed)
     if "nmi" in metrics:
@@ -104,10 +119,23 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
+def _deprecated(option: str, instead: str) -> None:
+    print(f"dcml: warning: {option} is deprecated and goes away in the next release; {instead}", file=sys.stderr)
+
+
+def _runs(args: argparse.Namespace) -> None:
+    from tasks.inventory import list_runs, table
+
+    rows = list_runs(args.out)
+    print(json.dumps(rows, indent=2) if args.json else table(rows))
+
+
 def _compare(args: argparse.Namespace) -> None:
     from tasks.report import compare_runs, finished_run_dirs
 
-    run_dirs = finished_run_dirs(args.out, args.run_dirs)
+    if args.runs is not None and args.run_dirs:
+        raise ConfigError("give RUN_DIR arguments or --runs DIR, not both")
+    run_dirs = finished_run_dirs(args.out, args.run_dirs, runs_dir=args.runs)
     metrics = compare_runs.fn(args.out, run_dirs)  # the plain function: no Prefect server
     print(json.dumps({"metrics": metrics, "runs": run_dirs}, indent=2))
 
@@ -128,7 +156,14 @@ def _inspect(args: argparse.Namespace) -> None:
     from dcml.data.benchmarks import inspect_dataset
 
     check_images, test_size = not args.no_check_images, args.vehicleid_test_size
-    report = inspect_dataset(args.dataset, args.root, check_images=check_images, vehicleid_test_size=test_size)
+    split = None
+    if args.dataset == "folder":
+        from dcml.config import load_params
+
+        split = load_params(args.params).data.split if os.path.isfile(args.params) else None
+    report = inspect_dataset(
+        args.dataset, args.root, check_images=check_images, vehicleid_test_size=test_size, folder_split=split
+    )
     print(json.dumps(report, indent=2))
 
 
@@ -149,7 +184,7 @@ def _deploy(args: argparse.Namespace) -> None:
     if args.workers:
         from flows.remote import RUN_DEPLOYMENT, RUN_QUEUE
 
-        print(f"runs: deployment {RUN_DEPLOYMENT!r}, work queue {RUN_QUEUE!r}; `dcml sweep --workers` submits to it")
+        print(f"runs: deployment {RUN_DEPLOYMENT!r}, work queue {RUN_QUEUE!r}; `dcml sweep --deployment` submits to it")
         print(
             "start one worker per GPU (per train.nproc_per_node GPUs) with: CUDA_VISIBLE_DEVICES=<i> "
             f"prefect worker start --pool {args.pool} --work-queue {RUN_QUEUE} --limit 1"
@@ -161,6 +196,7 @@ def _deploy(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="dcml", description=__doc__)
+    main.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = main.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
@@ -193,26 +229,33 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-learners", "-k", type=int, nargs="+", help="K values (default: sweep.num_learners)")
     sweep.add_argument("--seeds", type=int, nargs="+", help="seeds (default: sweep.seeds)")
     sweep.add_argument("--concurrent", action="store_true", help="run the K values concurrently (threads)")
-    sweep.add_argument("--keep", action="store_true", help="keep run folders of other params under OUT/runs")
     sweep.add_argument(
-        "--workers",
+        "--prune",
+        action="store_true",
+        help="delete the run folders under OUT/runs that this sweep did not produce (other params, a `dcml "
+        "train`), so that DVC versions only this sweep; folders another process holds are kept. Default: keep",
+    )
+    sweep.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)  # deprecated: keeping is the default
+    sweep.add_argument(
+        "--deployment",
         nargs="?",
         const="divide-and-conquer/dcml-run",
         default=None,
-        metavar="DEPLOYMENT",
-        help="submit each run as a flow run of DEPLOYMENT (default divide-and-conquer/dcml-run, made by "
-        "`dcml deploy --workers`) for the work pool's workers to execute concurrently; needs PREFECT_API_URL, "
-        "and OUT and the params on a filesystem the workers share",
+        metavar="NAME",
+        help="run on Prefect workers: submit each run as a flow run of the deployment NAME (default "
+        "divide-and-conquer/dcml-run, made by `dcml deploy --workers`); needs PREFECT_API_URL, and OUT and the "
+        "params on a filesystem the workers share",
     )
+    sweep.add_argument("--workers", nargs="?", const="divide-and-conquer/dcml-run", help=argparse.SUPPRESS)
     fresh(sweep)
     sweep.set_defaults(func=_sweep)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on its test split, print JSON")
     evaluate.add_argument("checkpoint", help="a checkpoint written by training (outputs/runs/*/checkpoints/*.pt)")
     evaluate.add_argument("--data-root", help="dataset folder if it moved since training")
+    evaluate.add_argument("--num-learners", "-k", type=int, default=None, help=argparse.SUPPRESS)  # deprecated
     evaluate.add_argument(
-        "--num-learners",
-        "-k",
+        "--slices",
         type=int,
         default=None,
         help="slices to normalise separately (default: as the pipeline evaluated this checkpoint — under "
@@ -230,8 +273,13 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--root", help="output folder (default: data.root)")
     demo.set_defaults(func=_demo)
     inspect = data.add_parser("inspect", help="validate a benchmark folder and print counts per split as JSON")
-    inspect.add_argument("--dataset", required=True, choices=["cub200", "cars196", "sop", "inshop", "vehicleid"])
+    inspect.add_argument(
+        "--dataset", required=True, choices=["folder", "cub200", "cars196", "sop", "inshop", "vehicleid"]
+    )
     inspect.add_argument("--root", required=True, help="the dataset's folder as extracted from its archive")
+    inspect.add_argument(
+        "--params", default="params.yaml", help="folder: the class split (data.split) of this file, if it exists"
+    )
     inspect.add_argument(
         "--no-check-images", action="store_true", help="only check that files exist; do not decode images"
     )
@@ -243,11 +291,17 @@ def parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare", help="compare finished runs (mean ± std per variant, paired differences to K=1) into OUT"
     )
-    compare.add_argument("--out", default="outputs", help="where the comparison goes; its runs/ by default")
+    compare.add_argument("--out", default="outputs", help="where the comparison goes (default: outputs)")
+    compare.add_argument("--runs", metavar="DIR", help="compare every finished run folder in DIR (default: OUT/runs)")
     compare.add_argument(
         "run_dirs", nargs="*", metavar="RUN_DIR", help="run folders (default: every finished one under OUT/runs)"
     )
     compare.set_defaults(func=_compare)
+
+    runs = commands.add_parser("runs", help="list the run folders under OUT/runs: K, seed, variant, epoch, state, R@1")
+    runs.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    runs.add_argument("--json", action="store_true", help="JSON instead of a table")
+    runs.set_defaults(func=_runs)
 
     serve = commands.add_parser("deploy", help="register the sweep as a scheduled deployment on a process work pool")
     common(serve)
@@ -268,6 +322,15 @@ def parser() -> argparse.ArgumentParser:
 
     add_commands(commands)
     return main
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dcml")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

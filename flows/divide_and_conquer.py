@@ -58,7 +58,7 @@ def divide_and_conquer(
     """Train and evaluate one run; returns its final metrics (also in ``<run>/metrics.json``).
 
     ``result_file``: where to write the returned dict as JSON too, for a caller that
-    started this flow on a worker (``dcml sweep --workers``, :mod:`flows.remote`).
+    started this flow on a worker (``dcml sweep --deployment``, :mod:`flows.remote`).
 
     ``num_learners``/``seed`` override ``cluster.num_learners``/``seed`` of the params file.
     ``fresh`` deletes the run's folder first instead of continuing it. The run folder is
@@ -163,7 +163,8 @@ def _run(params: Params, layout: RunLayout, parent_run_id: str | None, fresh: bo
             },
             state,
         )
-        model_id = tracking.log_model(params, run_id, checkpoint, state) if params.tracking.log_model else None
+        models = tracking.log_model(params, run_id, checkpoint, state) if params.tracking.log_model else {}
+        model_id = models.get("model_id")
         tracking.end_run(params, run_id, name)
         artifacts.run_report(params, name, layout, final, run_id, tracking.run_link(params, run_id), model_id)
     except BaseException:
@@ -171,7 +172,8 @@ def _run(params: Params, layout: RunLayout, parent_run_id: str | None, fresh: bo
         raise
     finally:
         scope.close()
-    return {**final, "run_dir": run_dir, "mlflow_run_id": run_id, "model_id": model_id}
+    ids = {"model_id": model_id, "image_model_id": models.get("image_model_id")}
+    return {**final, "run_dir": run_dir, "mlflow_run_id": run_id, **ids}
 
 
 def _to_compute(output: Path, epoch: int, resume: int) -> bool:

@@ -4,7 +4,7 @@
 the deployment ``divide-and-conquer/dcml-run`` on a work pool, in its work queue ``runs``;
 every worker serving that queue (``prefect worker start --pool dcml-process --work-queue runs
 --limit 1``, one per GPU or per group of ``train.nproc_per_node`` GPUs) picks up flow runs.
-``dcml sweep --workers`` then submits each (K, seed) as a flow run of it (linked to the
+``dcml sweep --deployment`` then submits each (K, seed) as a flow run of it (linked to the
 sweep's flow run as a subflow), waits for all of them and reads each run's result from the
 shared output folder — so workers on other machines need that folder (a shared filesystem,
 mounted at the same path), the Prefect API and the MLflow server, nothing else. How many
@@ -41,7 +41,7 @@ def check_deployment(name: str) -> None:
     url = get_current_settings().api.url
     if not url:
         raise ConfigError(
-            "--workers needs the Prefect server the workers poll: set PREFECT_API_URL (make up; eval "
+            "--deployment needs the Prefect server the workers poll: set PREFECT_API_URL (make up; eval "
             '"$(make -s stack-env)"), see docs/scaling.md'
         )
 
@@ -53,10 +53,10 @@ def check_deployment(name: str) -> None:
         run_coro_as_sync(read())
     except ObjectNotFound:
         raise ConfigError(
-            f"--workers: no deployment {name!r} on {url}; create it with `dcml deploy --workers`"
+            f"--deployment: no deployment {name!r} on {url}; create it with `dcml deploy --workers`"
         ) from None
     except Exception as error:  # noqa: BLE001 - httpx's connection errors and the like
-        raise ConfigError(f"--workers: the Prefect API at {url} does not answer ({error})") from None
+        raise ConfigError(f"--deployment: the Prefect API at {url} does not answer ({error})") from None
 
 
 def run_on_workers(

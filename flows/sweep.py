@@ -97,7 +97,7 @@ def sweep(
     num_learners: list[int] | None = None,
     seeds: list[int] | None = None,
     concurrent: bool | None = None,
-    prune: bool = True,
+    prune: bool = False,
     fresh: bool = False,
     wait: bool = False,
     workers: str | None = None,

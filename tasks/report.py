@@ -172,16 +172,17 @@ def variant_groups(rows: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[s
     return groups
 
 
-def finished_run_dirs(out_dir: str, run_dirs: Sequence[str] = ()) -> dict[str, str]:
+def finished_run_dirs(out_dir: str, run_dirs: Sequence[str] = (), runs_dir: str | None = None) -> dict[str, str]:
     """Folder name → folder: ``run_dirs``, else every finished run (with its final
-    metrics file) under ``<out_dir>/runs``; ``ConfigError`` when there is nothing to compare."""
+    metrics file) under ``runs_dir`` (default ``<out_dir>/runs``); ``ConfigError`` when
+    there is nothing to compare."""
     if run_dirs:
         folders = [Path(d) for d in run_dirs]
         for folder in folders:
             if not RunLayout(folder).final_metrics.is_file():
                 raise ConfigError(f"{folder}: no final metrics ({RunLayout(folder).final_metrics}): not a finished run")
     else:
-        runs = Path(out_dir) / "runs"
+        runs = Path(runs_dir) if runs_dir is not None else Path(out_dir) / "runs"
         found = runs.iterdir() if runs.is_dir() else []
         folders = sorted(f for f in found if f.is_dir() and RunLayout(f).final_metrics.is_file())
         if not folders:

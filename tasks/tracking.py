@@ -41,7 +41,7 @@ from prefect.runtime import flow_run
 from dcml.clustering import NMI_AVERAGE_METHOD
 from dcml.config import ConfigError, Params, flatten, redact_uri, split_uri_credentials
 from dcml.inference import TestEmbedder
-from tasks import io, provenance
+from tasks import io, provenance, report
 
 PIP_REQUIREMENTS = ["torch>=2.4", "torchvision>=0.19", "numpy>=1.26"]
 # MLflow 3's UI opens an experiment on its GenAI overview unless this tag says otherwise
@@ -366,38 +366,54 @@ def log_artifacts(params: Params, run_id: str, files: dict[str, str], state_file
 
 
 @task(name="log-model", task_run_name="log-model", retries=1, cache_policy=NO_CACHE, tags=["tracking"])
-def log_model(params: Params, run_id: str, checkpoint: str, state_file: str) -> str | None:
-    """Final model via ``mlflow.pytorch.log_model``: pt2 export of ``images -> embedding``
-    with a signature and explicit pip requirements (inference of requirements is slow).
-    Logged at ``step = train.epochs``, so the LoggedModel carries the final epoch's
-    metrics (MLflow links the run's metrics of that step to the model). Returns the
-    model id (kept in the state file; ``None`` for a model logged by an older dcml).
+def log_model(params: Params, run_id: str, checkpoint: str, state_file: str) -> dict[str, str | None]:
+    """The final models, logged at ``step = train.epochs``, so each LoggedModel carries the
+    final epoch's metrics (MLflow links the run's metrics of that step to the model), with
+    explicit pip requirements (inference of requirements is slow):
+
+    - ``model``: ``mlflow.pytorch.log_model``, pt2 export of ``images -> embedding``
+      (float32 tensors, the caller preprocesses);
+    - ``image-model``: :mod:`tasks.image_model`, a pyfunc taking encoded image files (a
+      ``binary`` column ``image``) with the evaluation preprocessing inside — what the
+      registered model's alias ``best`` serves (:func:`register_best`).
+
+    Returns ``{"model_id": ..., "image_model_id": ...}`` (kept in the state file; ``None``
+    for a model logged by an older dcml). Each is logged once per run.
 
     The embedding is the checkpoint's test embedding, as the pipeline evaluated it
     (:class:`dcml.inference.TestEmbedder`: its number of separately normalised slices,
-    also in the model's metadata as ``num_slices``)."""
-    if _is_done(state_file, "model"):
-        return io.read_json(state_file).get("model_id")
-    model = TestEmbedder.from_checkpoint(checkpoint, torch.device("cpu"))
-    size = params.data.image_size
-    example = np.zeros((2, 3, size, size), dtype=np.float32)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    mlflow.set_tracking_uri(connection_uri(params))
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(example, output),
-            input_example=example,
-            pip_requirements=PIP_REQUIREMENTS,
-            serialization_format="pt2",
-            metadata={"num_slices": model.num_slices},
-            step=params.train.epochs,
-            params={"num_learners": str(params.cluster.num_learners), "seed": str(params.seed)},
-        )
-    _mark_done(state_file, "model", model_id=info.model_id)
-    return info.model_id
+    also in the models' metadata as ``num_slices``)."""
+    from tasks import image_model  # the pyfunc: imports mlflow.pyfunc, PIL, pandas
+
+    model_params = {"num_learners": str(params.cluster.num_learners), "seed": str(params.seed)}
+    if not (_is_done(state_file, "model") and _is_done(state_file, "image_model")):
+        mlflow.set_tracking_uri(connection_uri(params))
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            if not _is_done(state_file, "model"):
+                model = TestEmbedder.from_checkpoint(checkpoint, torch.device("cpu"))
+                size = params.data.image_size
+                example = np.zeros((2, 3, size, size), dtype=np.float32)
+                with torch.no_grad():
+                    output = model(torch.from_numpy(example)).numpy()
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=infer_signature(example, output),
+                    input_example=example,
+                    pip_requirements=PIP_REQUIREMENTS,
+                    serialization_format="pt2",
+                    metadata={"num_slices": model.num_slices},
+                    step=params.train.epochs,
+                    params=model_params,
+                )
+                _mark_done(state_file, "model", model_id=info.model_id)
+            if not _is_done(state_file, "image_model"):
+                info = image_model.log_image_model(
+                    checkpoint, step=params.train.epochs, pip_requirements=PIP_REQUIREMENTS, params=model_params
+                )
+                _mark_done(state_file, "image_model", image_model_id=info.model_id)
+    state = io.read_json(state_file)
+    return {"model_id": state.get("model_id"), "image_model_id": state.get("image_model_id")}
 
 
 @_tracking_task("end-tracking", "end-tracking-{run_name}")
@@ -447,18 +463,16 @@ def log_summary(params: Params, run_id: str, summary: dict[str, Any], state_file
 def register_best(params: Params, results: list[dict[str, Any]], parent_run_id: str) -> dict[str, Any] | None:
     """The experiment's registered model (named like the experiment) gets the best K of
     this sweep as a version with the alias ``best``: the K with the highest mean R@1
-    over seeds, and of its runs the one with the highest R@1. ``results`` are the runs'
-    flow results (``num_learners``, ``seed``, ``recall@1``, ``mlflow_run_id``,
-    ``model_id``). An existing version of the same model is reused. Returns the version,
-    K, seed and R@1, or ``None`` when no model was logged."""
-    logged = [r for r in results if r.get("model_id") and r.get("recall@1") is not None]
-    if not logged:
+    over seeds, and of its runs the one with the highest R@1. The version is the run's
+    image model (``image-model``: encoded image files in, so ``mlflow models serve -m
+    models:/<name>@best`` serves images). ``results`` are the runs' flow results
+    (``num_learners``, ``seed``, ``recall@1``, ``mlflow_run_id``, ``image_model_id``).
+    An existing version of the same model is reused. Returns the version, K, seed and
+    R@1, or ``None`` when no model was logged."""
+    best = report.best_of([r for r in results if r.get("image_model_id")])  # the one rule (best.json too)
+    if best is None:
         return None
-    by_k: dict[int, list[dict[str, Any]]] = {}
-    for result in logged:
-        by_k.setdefault(int(result["num_learners"]), []).append(result)
-    best_k = max(by_k, key=lambda k: (float(np.mean([r["recall@1"] for r in by_k[k]])), -k))
-    best = max(by_k[best_k], key=lambda r: (r["recall@1"], -int(r["seed"])))
+    best_k = int(best["num_learners"])
     mlflow_client = client(params)
     name = experiment_name(params)
     try:
@@ -468,7 +482,7 @@ def register_best(params: Params, results: list[dict[str, Any]], parent_run_id: 
             name,
             description=f"dcml embedding models of experiment {name}; alias '{BEST_ALIAS}': best K of the latest sweep",
         )
-    source = f"models:/{best['model_id']}"  # (a sqlite registry reads model_id back as None)
+    source = f"models:/{best['image_model_id']}"  # (a sqlite registry reads model_id back as None)
     existing = [v for v in mlflow_client.search_model_versions(f"name='{name}'") if v.source == source]
     if existing:
         version = existing[0]
@@ -477,7 +491,7 @@ def register_best(params: Params, results: list[dict[str, Any]], parent_run_id: 
             name,
             source=source,
             run_id=best["mlflow_run_id"],
-            model_id=best["model_id"],
+            model_id=best["image_model_id"],
             tags={"num_learners": str(best_k), "seed": str(best["seed"]), "sweep_run_id": parent_run_id},
         )
     mlflow_client.set_model_version_tag(name, version.version, "recall_at_1", f"{best['recall@1']:.6f}")

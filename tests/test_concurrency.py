@@ -261,5 +261,6 @@ def test_two_identical_dcml_train_do_the_work_once(tmp_path, tiny_demo_root):
     experiment = client.get_experiment_by_name(params.tracking.experiment or f"dcml-{params.data.dataset}")
     runs = client.search_runs([experiment.experiment_id])
     assert [run.info.run_name for run in runs] == ["K4-seed0"]  # the waiting one reopened the run
-    assert len(client.search_logged_models([experiment.experiment_id])) == 1  # one model
+    logged = client.search_logged_models([experiment.experiment_id])
+    assert sorted(m.name for m in logged) == ["image-model", "model"]  # each once: tensors in, images in
     assert lock.read_text() == ""  # nobody holds the run now

@@ -211,3 +211,27 @@ def test_retrieval_flow_uses_the_best_model_and_logs_to_its_mlflow_run(sweep_res
     assert json.loads((tmp_path / "retrieval" / "index-metrics.json").read_text())["recall@1"] == best["recall@1"]
     run = mlflow.tracking.MlflowClient(sweep_result["uri"]).get_run(best["mlflow_run_id"])
     assert run.data.metrics["index/recall_at_1"] == best["recall@1"]
+
+
+def test_sweep_keeps_other_run_folders_unless_pruning(sweep_result):
+    """A finished run of other params in the same OUT (as `dcml train` leaves it) survives a
+    sweep; only --prune (what dvc.yaml passes) removes it."""
+    from flows.sweep import sweep
+
+    outputs = sweep_result["folder"] / "outputs"
+    other = outputs / "runs" / "K2-seed5-0123abcd"
+    shutil.copytree(sweep_result["result"]["runs"]["K1-seed0"], other)
+    sweep(str(sweep_result["params_path"]), str(outputs))  # finished: recomputes nothing
+    assert (other / "metrics.json").is_file()
+    sweep(str(sweep_result["params_path"]), str(outputs), prune=True)
+    assert not other.exists()
+    assert all(Path(d).is_dir() for d in sweep_result["result"]["runs"].values())
+
+
+def test_compare_reads_one_folder_and_writes_another(sweep_result, tmp_path, capsys):
+    from flows.cli import main
+
+    runs = sweep_result["folder"] / "outputs" / "runs"
+    assert main(["compare", "--runs", str(runs), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "comparison.md").is_file()
+    assert sorted(n.split("-")[0] for n in json.loads(capsys.readouterr().out)["runs"]) == ["K1", "K4"]

@@ -193,7 +193,7 @@ def test_more_processes_than_gpus(tmp_path, params_file, capsys, monkeypatch):
 
 def test_workers_need_a_prefect_server(tmp_path, params_file, capsys, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    fails(["sweep", "--workers", "--params", params_file()], capsys, tmp_path, "--workers needs", "PREFECT_API_URL")
+    fails(["sweep", "--deployment", "--params", params_file()], capsys, tmp_path, "--deployment needs", "PREFECT_API_URL")
 
 
 def test_workers_name_an_unreachable_server(tmp_path, params_file, capsys):
@@ -205,11 +205,15 @@ def test_workers_name_an_unreachable_server(tmp_path, params_file, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}):
-        fails(["sweep", "--workers", "--params", params_file()], capsys, tmp_path, "does not answer", str(port))
+        fails(["sweep", "--deployment", "--params", params_file()], capsys, tmp_path, "does not answer", str(port))
+        # the deprecated spelling still works, and says so
+        assert main(["sweep", "--workers", "--params", params_file(), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert "--workers is deprecated" in err and "does not answer" in err
 
 
 def test_workers_and_concurrent_exclude_each_other(tmp_path, params_file, capsys):
-    fails(["sweep", "--workers", "--concurrent", "--params", params_file()], capsys, tmp_path, "choose one")
+    fails(["sweep", "--deployment", "--concurrent", "--params", params_file()], capsys, tmp_path, "choose one")
 
 
 def test_concurrency_without_workers(tmp_path, params_file, capsys):

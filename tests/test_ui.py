@@ -165,7 +165,10 @@ def test_registered_model_alias_points_at_the_best_k(swept):
     recall = {name: runs[name].data.metrics["test/recall_at_1"] for name in ("K1-seed0", "K4-seed0")}
     best = max(recall, key=lambda name: (recall[name], -int(name[1])))
     assert version.run_id == runs[best].info.run_id
-    assert version.source == f"models:/{runs[best].outputs.model_outputs[0].model_id}"
+    experiment = runs[best].info.experiment_id
+    run_filter = f"source_run_id='{runs[best].info.run_id}' AND name='image-model'"
+    (image_model,) = client.search_logged_models([experiment], filter_string=run_filter)
+    assert version.source == f"models:/{image_model.model_id}"  # the model that takes images
     assert version.tags["num_learners"] == best[1]
 
 

@@ -21,7 +21,9 @@ from dcml.data.benchmarks.cub200 import load_cub200
 from dcml.data.benchmarks.inshop import load_inshop
 from dcml.data.benchmarks.sop import load_sop
 from dcml.data.benchmarks.vehicleid import TEST_SIZES, load_vehicleid
+from dcml.config import SplitConfig
 from dcml.data.errors import DatasetError
+from dcml.data.folder import scan_class_folder, split_by_classes
 from dcml.data.records import ImageRecords, Splits
 
 __all__ = [
@@ -56,7 +58,12 @@ def load_benchmark(name: str, root: str | Path, **kwargs: Any) -> Splits:
 
 
 def inspect_dataset(
-    name: str, root: str | Path, *, check_images: bool = True, vehicleid_test_size: int | None = None
+    name: str,
+    root: str | Path,
+    *,
+    check_images: bool = True,
+    vehicleid_test_size: int | None = None,
+    folder_split: SplitConfig | None = None,
 ) -> dict[str, Any]:
     """Validate a dataset folder and count, per split, images, classes, missing and unreadable files.
 
@@ -68,7 +75,7 @@ def inspect_dataset(
     In-shop query split adds ``items_without_gallery``. Layout errors raise
     :class:`DatasetError` before any image is looked at.
     """
-    named = _named_splits(name, root, vehicleid_test_size)
+    named = _named_splits(name, root, vehicleid_test_size, folder_split)
     train_classes = _present_classes(named["train"])
     report: dict[str, Any] = {}
     for split, records in named.items():
@@ -82,8 +89,20 @@ def inspect_dataset(
     return {"dataset": name, "root": str(root), "splits": report}
 
 
-def _named_splits(name: str, root: str | Path, vehicleid_test_size: int | None) -> dict[str, ImageRecords]:
-    """All splits to inspect, loaded (and so validated) before any counting starts."""
+def _named_splits(
+    name: str, root: str | Path, vehicleid_test_size: int | None, folder_split: SplitConfig | None = None
+) -> dict[str, ImageRecords]:
+    """All splits to inspect, loaded (and so validated) before any counting starts. ``folder``:
+    a class-folder dataset split as ``folder_split`` (``data.split``) says, default half/half."""
+    if name == "folder":
+        split = folder_split or SplitConfig()
+        splits = split_by_classes(
+            scan_class_folder(root),
+            train_ratio=split.train_ratio,
+            train_classes=split.train_classes,
+            test_classes=split.test_classes,
+        )
+        return {"train": splits.train, "test": splits.test}
     if name == "vehicleid":
         sizes = TEST_SIZES if vehicleid_test_size is None else (vehicleid_test_size,)
         loaded = {size: load_vehicleid(root, test_size=size) for size in sizes}
