@@ -167,6 +167,17 @@ def _inspect(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
+def _fetch(args: argparse.Namespace) -> None:
+    from dcml.data.benchmarks import inspect_dataset
+    from dcml.data.fetch import archive_for, fetch
+    from tasks.progress import download_bar
+
+    archive = archive_for(args.dataset, args.url, args.md5)
+    with download_bar(archive.filename) as progress:
+        folder = fetch(archive, args.root, progress)
+    print(json.dumps(inspect_dataset(args.dataset, folder, check_images=not args.no_check_images), indent=2))
+
+
 def _deploy(args: argparse.Namespace) -> None:
     from dcml.config import ConfigError
     from flows.deploy import deploy_sweep
@@ -287,6 +298,16 @@ def parser() -> argparse.ArgumentParser:
         "--vehicleid-test-size", type=int, choices=[800, 1600, 2400], help="VehicleID: one test list (default all)"
     )
     inspect.set_defaults(func=_inspect)
+
+    fetch = data.add_parser(
+        "fetch", help="download a benchmark archive (resumable, MD5-checked), unpack it, then inspect it"
+    )
+    fetch.add_argument("dataset", choices=["cub200", "sop"], help="benchmarks with a stable download address")
+    fetch.add_argument("--root", default="data", help="where the archive and its folder go (default: data)")
+    fetch.add_argument("--url", help="another address of the same archive (a mirror)")
+    fetch.add_argument("--md5", help="the MD5 of the archive at --url, when it differs from the listed one")
+    fetch.add_argument("--no-check-images", action="store_true", help="inspect: only check that files exist")
+    fetch.set_defaults(func=_fetch)
 
     compare = commands.add_parser(
         "compare", help="compare finished runs (mean ± std per variant, paired differences to K=1) into OUT"
