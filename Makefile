@@ -16,19 +16,32 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 # Prefect's database and profile live in the project, not in ~/.prefect.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: help install data demo test test-slow test-all lint bench bench-loader bench-gpu bench-ddp bench-scaleout bench-scale prefect-server worker run-worker deploy mlflow-ui up down stack-env clean
+.PHONY: help install install-gpu data demo test test-slow test-all lint bench bench-loader bench-gpu bench-ddp bench-scaleout bench-scale prefect-server worker run-worker deploy mlflow-ui up down stack-env clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
+# faiss: the CPU wheel, or the GPU one once `make install-gpu` chose it (the marker file keeps
+# every later reinstall, e.g. after a pyproject.toml change, on the GPU wheel)
+GPU_MARKER := $(VENV)/.faiss-gpu
+FAISS = $(if $(wildcard $(GPU_MARKER)),gpu,cpu)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[cpu,dev,pretrained,stack]'
+	@if [ "$(FAISS)" = gpu ]; then $(PY) -m pip uninstall --quiet -y faiss-cpu 2>/dev/null || true; fi
+	$(PY) -m pip install --quiet -e '.[$(FAISS),dev,pretrained,stack]'
 	$(PY) -m compileall -q -j 0 dcml tasks flows tests >/dev/null
 	touch $@
 
-install: $(STAMP)  ## create .venv and install dcml with its dependencies
+install: $(STAMP)  ## create .venv and install dcml with its dependencies (faiss-cpu)
+
+install-gpu:  ## the same with faiss-gpu instead of faiss-cpu (CUDA 12 wheel; docs/gpu.md); later make targets keep it
+	$(PYTHON) -m venv $(VENV)
+	touch $(GPU_MARKER)
+	rm -f $(STAMP)
+	$(MAKE) install
+	$(PY) -c "from dcml.faiss_backend import build_summary; print(build_summary())"
 
 data: $(STAMP)  ## generate the demo dataset (params.yaml data.demo; deterministic, offline) into the DVC cache
 	$(BIN)/dcml data demo
