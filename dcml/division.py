@@ -118,7 +118,13 @@ def next_division(
     Same number of clusters as ``previous``: k-means, matched to it (Hungarian). Twice as
     many (hierarchical, TPAMI'21): re-cluster into the previous number (matched) as the
     authors do, then split each cluster in two. Otherwise (the first division): k-means.
+
+    With ``config.space == "backbone"`` the rows are pooled backbone features, which are
+    L2-normalised first (as the authors' ``penultimate_for_clusters`` does): otherwise the
+    features' norms, not their directions, would decide the division.
     """
+    if config.space == "backbone":
+        embeddings = normalized_rows(embeddings)
     before = previous.assignment if previous is not None else None
     if config.hierarchical and num_clusters > 1:
         parents_k = previous.num_clusters if previous is not None else 1
@@ -173,3 +179,11 @@ def _kept(previous: np.ndarray, learners: np.ndarray) -> float:
     after a split — i.e. how much of its data each learner keeps across a division."""
     valid = previous >= 0
     return float(np.mean(previous[valid] == learners[valid])) if valid.any() else 0.0
+
+
+def normalized_rows(features: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``features`` (n, F) with unit-norm rows (zero rows stay zero)."""
+    out = np.array(features, dtype=np.float32, copy=True)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.divide(out, norms, out=out, where=norms > 0)
+    return out

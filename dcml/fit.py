@@ -39,7 +39,7 @@ def division_for_step(trainer: Trainer, bundle: DatasetBundle, step: Step, previ
         return previous
     segment, cluster = step.segment, trainer.params.cluster
     embeddings, labels, _ = trainer.embed(
-        bundle.train_eval, num_learners=segment.num_learners, features=cluster.space == "backbone"
+        bundle.train_eval, num_learners=step.cluster_slices, features=cluster.space == "backbone"
     )
     seed = kmeans_seed(trainer.params.seed, step.division_index)
     return division_rules.next_division(embeddings, labels, segment.num_clusters, cluster, seed=seed, previous=previous)

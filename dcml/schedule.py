@@ -132,6 +132,11 @@ class Step:
     division: DivisionSource
     division_index: int  # index of the division the segment trains on; -1 with "all"
     evaluate: bool
+    # ``new``: how many separately normalised slices the training embedding clustered for
+    # this division has — those the model was trained with until then (the previous
+    # segment's learners; the first segment's own before any training). Hierarchical
+    # slices: the c slices of the segment before the split, not the 2c after it.
+    cluster_slices: int = 1
 
 
 def evaluates_at(epoch: int, epochs: int, every: int) -> bool:
@@ -143,10 +148,11 @@ def evaluates_at(epoch: int, epochs: int, every: int) -> bool:
 def steps(segments: list[Segment], epochs: int, evaluate_every: int) -> list[Step]:
     """The segments of :func:`plan` annotated with their division source and evaluation."""
     out: list[Step] = []
-    for segment in segments:
+    for position, segment in enumerate(segments):
         source = "all" if segment.mode == "finetune" else "new" if segment.recluster else "previous"
         evaluate = evaluates_at(segment.end_epoch, epochs, evaluate_every)
-        out.append(Step(segment, source, segment.division_index, evaluate))
+        trained_with = segments[position - 1].num_learners if position else segment.num_learners
+        out.append(Step(segment, source, segment.division_index, evaluate, trained_with))
     return out
 
 

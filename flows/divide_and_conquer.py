@@ -127,7 +127,7 @@ def _run(params: Params, layout: RunLayout, parent_run_id: str | None, fresh: bo
             elif step.division == "new":
                 path = layout.division(segment.start_epoch)
                 if _to_compute(path, segment.start_epoch, resume):
-                    embeddings = training.embed(run_dir, checkpoint, "train", segment.start_epoch, segment.num_learners)
+                    embeddings = training.embed(run_dir, checkpoint, "train", segment.start_epoch, step.cluster_slices)
                     training.cluster(
                         run_dir, embeddings, division, segment.num_clusters, step.division_index, segment.start_epoch
                     )

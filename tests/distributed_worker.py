@@ -65,6 +65,15 @@ def main() -> None:
     data = Images()
     p = params(freeze_bn, learners)
     trainer = Trainer.create(p, NUM_CLASSES, torch.device("cpu"))
+    first_grads: dict[str, torch.Tensor] = {}
+
+    def record_first_step(optimizer, args, kwargs) -> None:  # the gradients of the first step, before Adam
+        if not first_grads:
+            for name, parameter in trainer.model.named_parameters():
+                if parameter.grad is not None:
+                    first_grads[name] = parameter.grad.detach().clone()
+
+    trainer.optimizer.register_step_pre_hook(record_first_step)
     # two learners: classes 0-4 and 5-7 (the second cluster's batches have 3 classes x 3 = 9 images: odd shards)
     assignment = (data.labels >= 5).astype(np.int64)
     division = Division(assignment, np.ones(len(assignment), dtype=bool), 2, 0, {})
@@ -74,7 +83,8 @@ def main() -> None:
         state = {
             name: value.detach().clone() for name, value in trainer.model.state_dict().items() if torch.is_tensor(value)
         }
-        torch.save({"losses": [s.loss for s in stats], "images": [s.num_images for s in stats], "state": state}, out)
+        record = {"losses": [s.loss for s in stats], "images": [s.num_images for s in stats], "state": state}
+        torch.save({**record, "grads": first_grads, "dtype": str(trainer.model.embedding.weight.dtype)}, out)
     distributed.close()
 
 

@@ -80,6 +80,11 @@ def run_worker(out: Path, nproc: int, freeze_bn: bool, learners: str) -> dict:
 def test_two_gloo_processes_follow_the_single_process_trajectory(tmp_path, learners):
     single = run_worker(tmp_path / "single.pt", 1, True, learners)
     ddp = run_worker(tmp_path / "ddp.pt", 2, True, learners)
+    assert single["dtype"] == ddp["dtype"] == "torch.float64"  # the loss too keeps float64 (dcml.losses.margin)
+    # the first step's gradients, compared directly (Adam would hide a constant factor)
+    assert set(ddp["grads"]) == set(single["grads"]) and single["grads"]
+    for name, grad in single["grads"].items():
+        torch.testing.assert_close(ddp["grads"][name], grad, rtol=1e-9, atol=1e-12, msg=name)
     assert ddp["images"] == single["images"]  # statistics of the global batches
     np.testing.assert_allclose(ddp["losses"], single["losses"], rtol=1e-7)  # measured: <= 7e-9
     assert set(ddp["state"]) == set(single["state"])

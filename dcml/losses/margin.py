@@ -79,7 +79,8 @@ class MarginLoss(nn.Module):
     ) -> torch.Tensor:
         """embeddings (B, D) unit-norm, labels (B,) int64 -> scalar loss. ``labels`` may
         stay on the CPU (as the training loop passes them): see ``dcml.losses.sampling``."""
-        embeddings = embeddings.float()  # distances in fp32 also under bf16 autocast
+        if embeddings.dtype in (torch.float16, torch.bfloat16):
+            embeddings = embeddings.float()  # distances in fp32 under autocast; float64 stays float64
         anchors, positives, negatives = self.sampler(
             embeddings, labels, generator, self.cutoff, self.nonzero_loss_cutoff
         )
