@@ -202,6 +202,8 @@ def make_params(config: RunConfig, folder: Path, *, data_root: str = "unused", *
             "batch_size": config.batch_size,
             "images_per_class": IMAGES_PER_CLASS,
             "epochs": 1000,
+            "lr_backbone": 1e-5,  # the paper's (the built-in defaults are the CPU demo's 1e-3)
+            "lr_embedding": 1e-5,
             "bf16": config.bf16,
             "channels_last": config.channels_last,
             "cudnn_benchmark": config.cudnn_benchmark,  # applied by Trainer.create

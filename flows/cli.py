@@ -339,9 +339,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--concurrency", type=int, help="with --workers: at most this many runs at once (all workers)")
     serve.set_defaults(func=_deploy)
 
+    from flows.cli_params import add_commands as add_params_commands
     from flows.cli_retrieval import add_commands
 
     add_commands(commands)
+    add_params_commands(commands)
     return main
 
 

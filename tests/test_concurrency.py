@@ -136,7 +136,7 @@ def test_a_sweep_keeps_the_folder_of_a_run_in_progress(tmp_path, tiny_params):
     params_path.write_text(yaml.safe_dump(to_dict(params)))
     in_progress, stale = fake_run(out / "runs", "K4-seed0-bbbb"), fake_run(out / "runs", "K4-seed0-cccc")
     with held_elsewhere(in_progress.lock), prefect_test_harness(server_startup_timeout=120):
-        result = sweep(str(params_path), str(out), num_learners=[1])
+        result = sweep(str(params_path), str(out), num_learners=[1], prune=True)
     assert in_progress.params.exists() and not stale.root.exists()  # a `dcml train` there keeps its folder
     assert [path.name for path in (out / "runs").iterdir()] == sorted(
         [in_progress.root.name, Path(result["runs"]["K1-seed0"]).name]

@@ -43,8 +43,11 @@ def test_params_are_frozen():
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda r: r["train"].update(epochz=3), "unknown key: train.epochz"),
-        (lambda r: r["cluster"].pop("recluster_every"), "missing key: cluster.recluster_every"),
+        (lambda r: r["train"].update(epochz=3), "unknown key: train.epochz in "),
+        (lambda r: r["train"].update(epochz=3), "did you mean train.epochs?"),
+        (lambda r: r.update(overrides={"train": {"epochz": 3}}), "unknown key: train.epochz in overrides"),
+        (lambda r: r["cluster"].update(recluster_every=None), "cluster.recluster_every: expected an integer"),
+        (lambda r: r.update(cluster=4), "cluster: expected a mapping"),
         (lambda r: r["model"].update(backbone="vgg"), "model.backbone"),
         (lambda r: r["train"].update(epochs="ten"), "train.epochs: expected an integer"),
         (lambda r: r["model"].update(freeze_bn="yes"), "model.freeze_bn: expected true/false"),
@@ -100,17 +103,28 @@ def test_options_that_would_be_silently_ignored_are_rejected(tmp_path, section, 
         load_params(write(tmp_path, raw))
 
 
-def test_preset_overlays_params_and_overrides_beat_it(tmp_path):
+def test_a_preset_fills_what_the_params_file_leaves_out_and_the_file_beats_it(tmp_path):
     assert "paper-cub200" in available_presets()
-    raw = raw_params()
-    raw["preset"] = "paper-cub200"
-    raw["sweep"]["num_learners"] = [1, 4]
+    raw = {"preset": "paper-cub200", "data": {"root": "data/cub"}, "sweep": {"num_learners": [1, 4]}}
     params = load_params(write(tmp_path, raw))
     assert params.model.backbone == "resnet50" and params.train.batch_size == 80
-    assert params.data.root == raw["data"]["root"]  # presets never move the data
+    assert params.data.root == "data/cub"  # presets never move the data
+    raw["train"] = {"epochs": 100}
+    raw["cluster"] = {"divide_until_epoch": 90, "finetune_from_epoch": 90}
+    params = load_params(write(tmp_path, raw))
+    assert (params.train.epochs, params.cluster.divide_until_epoch) == (100, 90)
     raw["overrides"] = {"cluster": {"divide_until_epoch": 80}}
     params = load_params(write(tmp_path, raw))
-    assert (params.cluster.divide_until_epoch, params.cluster.finetune_from_epoch) == (80, 190)
+    assert (params.cluster.divide_until_epoch, params.cluster.finetune_from_epoch) == (80, 90)
+
+
+def test_a_full_params_file_leaves_nothing_to_the_preset(tmp_path):
+    """params.yaml sets every key: a preset beneath it changes nothing (use a short file)."""
+    raw = raw_params()
+    raw["preset"] = "paper-cub200"
+    assert dataclasses.replace(load_params(write(tmp_path, raw)), preset="none") == load_params(
+        REPO_ROOT / "params.yaml"
+    )
 
 
 def test_sweep_copies_with_replace_and_validate():
@@ -130,11 +144,7 @@ def test_num_workers_is_an_integer_or_auto(tmp_path, key, value):
 
 
 def test_every_preset_loads_with_gpu_settings_and_a_sparse_evaluation_cadence(tmp_path):
-    from dcml.config import available_presets
-
     for name in available_presets():
-        raw = raw_params()
-        raw["preset"] = name
-        params = load_params(write(tmp_path, raw))
+        params = load_params(write(tmp_path, {"preset": name, "data": {"root": "somewhere"}}))
         assert params.train.bf16 and params.train.channels_last and params.train.tf32, name
         assert params.data.num_workers == "auto" and params.eval.every_epochs >= 5, name
