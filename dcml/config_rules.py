@@ -171,6 +171,7 @@ MASK_KEYS = (
     "model.learners",
     "model.mask_init",
     "model.mask_decorrelation",
+    "model.mask_split_state",
     "train.lr_masks",
     "train.mask_weight_decay",
 )
@@ -185,6 +186,7 @@ BASELINE_VALUES: dict[str, Any] = {
     "model.learners": "slices",
     "model.mask_init": "ones",
     "model.mask_decorrelation": 1.0,
+    "model.mask_split_state": "inherit",
     "train.lr_masks": 1e-5,
     "train.mask_weight_decay": 0.0,
     "cluster.hierarchical": False,

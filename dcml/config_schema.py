@@ -92,6 +92,11 @@ class ModelConfig:
     )
     mask_init: Literal["ones", "slices"] = key("ones", "masks start as ones (the authors' default) | as the slices")
     mask_decorrelation: float = key(1.0, "lambda x mean pairwise cosine similarity of relu(masks), added to the loss")
+    mask_split_state: Literal["inherit", "reset"] = key(
+        "inherit",
+        "hierarchical split: children copy the parent's mask; their Adam moments too (inherit) or the masks' "
+        "optimiser state starts empty (reset: the authors' TPAMI code, new parameters at every split)",
+    )
 
 
 @dataclass(frozen=True)

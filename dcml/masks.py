@@ -81,9 +81,13 @@ class LearnerMasks(nn.Module):
         return cosine[off_diagonal].mean()
 
     @torch.no_grad()
-    def grow(self, num_clusters: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def grow(
+        self, num_clusters: int, optimizer: torch.optim.Optimizer | None = None, *, reset_state: bool = False
+    ) -> None:
         """Double the active masks until ``num_clusters`` are active; each new child copies
-        its parent's mask and, when ``optimizer`` holds state for the masks, its moments."""
+        its parent's mask and, when ``optimizer`` holds state for the masks, its moments —
+        or, with ``reset_state`` (the authors' code: new mask parameters at every split),
+        the masks' optimiser state is dropped and restarts at step 0."""
         if num_clusters > self.num_learners or self.num_learners % num_clusters:
             raise ValueError(f"cannot grow {self.num_learners} masks to {num_clusters} clusters")
         state = optimizer.state.get(self.weight, {}) if optimizer is not None else {}
@@ -98,3 +102,5 @@ class LearnerMasks(nn.Module):
                     if isinstance(value, torch.Tensor) and value.shape == self.weight.shape:
                         value[target] = value[source]
             self.level = 2 * level
+            if reset_state and optimizer is not None:
+                optimizer.state.pop(self.weight, None)  # Adam re-creates it, empty, at the next step

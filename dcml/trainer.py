@@ -135,7 +135,8 @@ class Trainer:
         t = self.params.train
         if self.model.masks is not None and segment.mode == "divide":
             # hierarchical division: children start from their parent's mask (no-op otherwise)
-            self.model.masks.grow(segment.num_clusters, self.optimizer)
+            reset = self.params.model.mask_split_state == "reset"
+            self.model.masks.grow(segment.num_clusters, self.optimizer, reset_state=reset)
         stats = []
         net = self.model
         if shard.world > 1:

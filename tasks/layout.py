@@ -92,7 +92,7 @@ INACTIVE_UNLESS = {("model", "learners", "masks"): MASK_KEYS, ("cluster", "hiera
 
 
 # Keys left out while they hold their default, so runs from before they existed keep their keys.
-DEFAULT_LEAVES_HASH = {("train", "nproc_per_node"): 1}
+DEFAULT_LEAVES_HASH = {("train", "nproc_per_node"): 1, ("model", "mask_split_state"): "inherit"}
 
 
 def _inactive_keys(params_dict: dict) -> tuple[str, ...]:

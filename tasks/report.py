@@ -132,6 +132,13 @@ def variant_label(params: Params) -> str:
         [f"K={k}"]
         + (["masks"] if params.model.learners == "masks" else [])
         + (["hierarchical"] if params.cluster.hierarchical else [])
+        + (
+            ["reset"]
+            if params.model.learners == "masks"
+            and params.cluster.hierarchical
+            and params.model.mask_split_state == "reset"
+            else []
+        )
     )
 
 

@@ -135,11 +135,31 @@ def test_full_embedding_ignores_the_masks_and_masks_are_their_own_optimiser_grou
     assert groups["masks"]["params"][0] is model.masks.weight
 
 
-def test_hierarchical_masks_are_checkpointed_and_a_resume_grows_them_bit_identically(tmp_path, tiny_params):
+def test_reset_at_a_split_empties_the_masks_adam_state_and_children_equal_their_parent():
+    """The authors' code: new mask parameters (fresh Adam, step 0) at every split."""
+    masks = LearnerMasks(4, 5, hierarchical=True)
+    optimizer = torch.optim.Adam(masks.parameters(), lr=0.1)
+    (masks.weight[0].sum()).backward()
+    optimizer.step()
+    parent = masks.weight[0].detach().clone()
+    masks.grow(2, optimizer, reset_state=True)
+    assert masks.weight not in optimizer.state or not optimizer.state[masks.weight]
+    torch.testing.assert_close(masks.weight[0], parent)
+    torch.testing.assert_close(masks.weight[2], parent)
+    masks.weight.grad = torch.ones_like(masks.weight)
+    optimizer.step()  # Adam starts over: its step count is 1 after the split
+    assert int(optimizer.state[masks.weight]["step"]) == 1
+
+
+@pytest.mark.parametrize("split_state", ["inherit", "reset"])
+def test_hierarchical_masks_are_checkpointed_and_a_resume_grows_them_bit_identically(
+    tmp_path, tiny_params, split_state
+):
     """Segment 1 trains one mask on all data; segment 2 splits into two clusters (the
     child copies the mask): resuming between the two equals the uninterrupted run."""
     cluster = r(tiny_params.cluster, hierarchical=True, divide_until_epoch=3, finetune_from_epoch=3)
     params = r(masks_params(tiny_params), cluster=cluster)
+    params = r(params, model=r(params.model, mask_split_state=split_state))
     bundle = build_bundle(load_splits(params.data), params.data)
     labels = bundle.splits.train.labels
     first, second = Segment(0, 1, "divide", True, 1, 0), Segment(1, 2, "divide", True, 2, 1)
@@ -169,6 +189,11 @@ def test_hierarchical_masks_are_checkpointed_and_a_resume_grows_them_bit_identic
             rtol=0,
             atol=0,
         )
+    steps = int(trainer.optimizer.state[trainer.model.masks.weight]["step"])
+    assert steps == int(resumed.optimizer.state[resumed.model.masks.weight]["step"])
+    # reset: Adam restarted at the split, so it counts only the second segment's steps
+    backbone_steps = int(trainer.optimizer.state[next(trainer.model.backbone.parameters())]["step"])
+    assert (steps < backbone_steps) == (split_state == "reset")
 
 
 def test_config_rules_for_masks_and_hierarchical_division(tiny_params):

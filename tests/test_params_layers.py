@@ -44,8 +44,8 @@ DEMO_DIGEST = "af281307"
 DEMO_K1_DIGEST = "0e1c9876"
 # sha256 of the whole resolved dict (also the keys that are not part of the run key:
 # tracking, sweep, retrieval, ...), before the change
-DEMO_DICT_SHA = "0562a4a47d05c551"
-DEMO_K1_DICT_SHA = "1f025d08d132f671"
+DEMO_DICT_SHA = "436fc9a6f1e2565d"  # + model.mask_split_state (inherit: what ran before)
+DEMO_K1_DICT_SHA = "622e36e24cb4813b"  # + model.mask_split_state
 
 
 def write(tmp_path, content: str | dict, name: str = "params.yaml") -> str:

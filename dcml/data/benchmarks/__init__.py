@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dcml.config import SplitConfig
 from dcml.data.benchmarks.cars196 import load_cars196
 from dcml.data.benchmarks.checks import summarize_split
 from dcml.data.benchmarks.common import RECALL_KS
@@ -21,7 +22,6 @@ from dcml.data.benchmarks.cub200 import load_cub200
 from dcml.data.benchmarks.inshop import load_inshop
 from dcml.data.benchmarks.sop import load_sop
 from dcml.data.benchmarks.vehicleid import TEST_SIZES, load_vehicleid
-from dcml.config import SplitConfig
 from dcml.data.errors import DatasetError
 from dcml.data.folder import scan_class_folder, split_by_classes
 from dcml.data.records import ImageRecords, Splits
