@@ -193,7 +193,9 @@ def test_more_processes_than_gpus(tmp_path, params_file, capsys, monkeypatch):
 
 def test_workers_need_a_prefect_server(tmp_path, params_file, capsys, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    fails(["sweep", "--deployment", "--params", params_file()], capsys, tmp_path, "--deployment needs", "PREFECT_API_URL")
+    fails(
+        ["sweep", "--deployment", "--params", params_file()], capsys, tmp_path, "--deployment needs", "PREFECT_API_URL"
+    )
 
 
 def test_workers_name_an_unreachable_server(tmp_path, params_file, capsys):

@@ -75,7 +75,9 @@ def test_a_sweep_on_two_workers_overlaps_and_matches_a_sequential_sweep(running_
     logs = {name: tmp_path / f"{name}.log" for name in ("worker-a", "worker-b")}
     workers = stack.start_workers(POOL, list(logs), env, tmp_path, REPO_ROOT)
     try:
-        dcml("sweep", "--deployment", "--params", str(params), "--out", str(out), "-k", "1", "2", "--seeds", "0", env=env)
+        dcml(
+            "sweep", "--deployment", "--params", str(params), "--out", str(out), "-k", "1", "2", "--seeds", "0", env=env
+        )
     finally:
         stack.stop_workers(workers)
 
