@@ -16,7 +16,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 # Prefect's database and profile live in the project, not in ~/.prefect.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: help install install-gpu data demo test test-slow test-all lint bench bench-loader bench-gpu bench-ddp bench-scaleout bench-scale prefect-server worker run-worker deploy mlflow-ui up down stack-env clean
+.PHONY: help install install-gpu data demo test test-slow test-all lint bench bench-loader bench-retrieval bench-gpu bench-ddp bench-scaleout bench-scale prefect-server worker run-worker deploy mlflow-ui up down stack-env clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -76,6 +76,7 @@ bench-loader: $(STAMP)  ## our loader + step over JPEG files vs a bare loop on i
 bench-gpu: $(STAMP)  ## GPU benchmark (ResNet-50 step, host syncs, loader, JPEG decode, faiss; DDP 1 vs all GPUs): JSON
 	$(PY) bench/bench_gpu.py
 	$(PY) bench/bench_ddp.py --bf16 --channels-last --cudnn-benchmark
+	$(PY) bench/bench_embed.py --backbone resnet50 --device cuda
 
 bench-ddp: $(STAMP)  ## data-parallel throughput of our loop: 1 vs N processes under torchrun (CPU: 1 vs 2)
 	$(PY) bench/bench_ddp.py
@@ -85,6 +86,11 @@ bench-scaleout: $(STAMP)  ## wall times on the demo: train on 1 vs 2 processes; 
 
 bench-scale: $(STAMP)  ## scale rehearsal on CPU: SOP-sized synthetic data through `dcml train` (JSON per phase)
 	$(PY) bench/bench_scale.py
+
+bench-retrieval: $(STAMP)  ## dcml embed / index eval + search / serve vs bare torch and faiss (JSON each; ~20 min on 2 cores)
+	$(PY) bench/bench_embed.py
+	$(PY) bench/bench_index.py
+	$(PY) bench/bench_serve.py
 
 prefect-server: $(STAMP)  ## Prefect server + UI on http://127.0.0.1:4200
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200

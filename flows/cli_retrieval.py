@@ -37,7 +37,7 @@ def _index_build(args: argparse.Namespace) -> None:
     from dcml.retrieval import store
     from tasks.retrieval import build_index
 
-    out = build_index.fn(args.embeddings, args.out, args.factory, args.device)
+    out = build_index.fn(args.embeddings, args.out, args.factory, args.device, args.search_params)
     info = store.read_info(out, "index folder")
     print(json.dumps({"out": out, **{k: info[k] for k in ("factory", "metric", "count", "dimension", "built_on")}}))
 
@@ -45,12 +45,14 @@ def _index_build(args: argparse.Namespace) -> None:
 def _index_eval(args: argparse.Namespace) -> None:
     from tasks.retrieval import evaluate_index
 
-    result = evaluate_index.fn(args.index, args.queries, args.k, args.out, not args.no_mlflow, args.params)
+    result = evaluate_index.fn(
+        args.index, args.queries, args.k, args.out, not args.no_mlflow, args.params, args.search_params
+    )
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
 def _search(args: argparse.Namespace) -> None:
-    searcher = searcher_for(args.index, args.device, with_model=bool(args.image), params_path=args.params)
+    searcher = searcher_for(args.index, args.device, bool(args.image), args.params, args.search_params)
     if args.image:
         names = list(args.image)
         vectors = searcher.embed_images(names)
@@ -81,13 +83,13 @@ def _embeddings_file(path: str) -> tuple[list[str], object]:
     return [f"{path}[{i}]" for i in range(len(vectors))], vectors
 
 
-def searcher_for(index_path: str, device: str, with_model: bool, params_path: str):
+def searcher_for(index_path: str, device: str, with_model: bool, params_path: str, search_parameters=None):
     from dcml.device import resolve_device
     from dcml.inference import load_model
     from dcml.retrieval.index import load_index_folder
     from dcml.retrieval.search import Searcher
 
-    index = load_index_folder(index_path)
+    index = load_index_folder(index_path, search_parameters)
     torch_device = resolve_device(device)
     model = load_model(index_model(index.info, params_path), torch_device) if with_model else None
     return Searcher(index, model, torch_device)
@@ -121,7 +123,7 @@ def index_model(info: dict, params_path: str) -> Path:
 def _serve(args: argparse.Namespace) -> None:
     from flows.serve import serve
 
-    serve(args.index, args.host, args.port, args.device, args.params)
+    serve(args.index, args.host, args.port, args.device, args.params, args.search_params)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -175,6 +177,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--device", default="auto", choices=devices, help="build on the GPU when faiss-gpu sees one (auto)"
     )
+    build.add_argument(
+        "--search-params",
+        default="",
+        metavar="P",
+        help="faiss search parameters recorded with the index, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW); "
+        "default: faiss's (nprobe=1, efSearch=16), often far from exact: check with `dcml index eval`",
+    )
     build.set_defaults(func=_index_build)
     evaluate = index.add_parser(
         "eval", help="label recall@k and MAP@R through the index (a query never retrieves itself)"
@@ -185,6 +194,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", metavar="FILE", help="also write the metrics as JSON to FILE")
     evaluate.add_argument("--no-mlflow", action="store_true", help="do not log to the model's MLflow run")
     evaluate.add_argument("--params", default="params.yaml", help="for the MLflow tracking URI (default: params.yaml)")
+    evaluate.add_argument(
+        "--search-params", metavar="P", help="faiss search parameters instead of the index's, e.g. nprobe=64"
+    )
     evaluate.set_defaults(func=_index_eval)
 
     search = commands.add_parser("search", help="nearest indexed images of query images or embeddings: JSON lines")
@@ -205,6 +217,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     search.add_argument("--device", default="auto", choices=devices)
     search.add_argument("--params", default="params.yaml", help="for MLflow-sourced models (default: params.yaml)")
+    search.add_argument(
+        "--search-params", metavar="P", help="faiss search parameters instead of the index's, e.g. nprobe=64"
+    )
     search.set_defaults(func=_search)
 
     serve = commands.add_parser("serve", help="HTTP search service over an index: POST /knn, GET /health")
@@ -213,4 +228,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto", choices=devices)
     serve.add_argument("--params", default="params.yaml", help="for MLflow-sourced models (default: params.yaml)")
+    serve.add_argument(
+        "--search-params", metavar="P", help="faiss search parameters instead of the index's, e.g. nprobe=64"
+    )
     serve.set_defaults(func=_serve)

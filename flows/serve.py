@@ -45,6 +45,7 @@ def create_app(searcher: Searcher) -> FastAPI:
             "count": info["count"],
             "dimension": info["dimension"],
             "factory": info["factory"],
+            "search_parameters": info.get("search_parameters", ""),
             "learners": len(info["learners"]),
             "model": {key: info["model"].get(key) for key in ("checkpoint", "sha256", "source")},
             "images": searcher.model is not None,
@@ -78,12 +79,14 @@ def _decode(text: str, position: int) -> bytes:
         raise RetrievalError(f"image {position} is not valid base64") from None
 
 
-def serve(index_path: str, host: str, port: int, device: str, params_path: str) -> None:
+def serve(
+    index_path: str, host: str, port: int, device: str, params_path: str, search_parameters: str | None = None
+) -> None:
     """Load the index (and its model), then serve until interrupted."""
     import uvicorn
 
     from flows.cli_retrieval import searcher_for
 
-    searcher = searcher_for(index_path, device, with_model=True, params_path=params_path)
+    searcher = searcher_for(index_path, device, True, params_path, search_parameters)
     print(f"dcml serve: {index_path} ({searcher.index.info['count']} items) on http://{host}:{port}", flush=True)
     uvicorn.run(create_app(searcher), host=host, port=port, log_level="warning")

@@ -70,10 +70,14 @@ def embed_images(
 
 
 @task(name="build-index", task_run_name="build-index", cache_policy=NO_CACHE, tags=["retrieval"])
-def build_index(embeddings: str, out: str, factory: str = "Flat", device: str = "auto") -> str:
+def build_index(
+    embeddings: str, out: str, factory: str = "Flat", device: str = "auto", search_parameters: str = ""
+) -> str:
     """``dcml index build``: a faiss index folder over an embedding folder; returns ``out``."""
     use_gpu = {"auto": None, "cpu": False, "cuda": True}[device]
-    build_index_folder(store.read_embeddings(embeddings), out, factory, use_gpu=use_gpu)
+    build_index_folder(
+        store.read_embeddings(embeddings), out, factory, use_gpu=use_gpu, search_parameters=search_parameters
+    )
     return out
 
 
@@ -85,11 +89,12 @@ def evaluate_index(
     out: str | None = None,
     log_to_mlflow: bool = True,
     params_path: str = "params.yaml",
+    search_parameters: str | None = None,
 ) -> dict[str, Any]:
     """``dcml index eval``: metrics through the saved index at ``ks`` (default: the model's
     ``eval.recall_ks``); written to ``out`` (JSON) and
     logged to the model's MLflow run (``index/<metric>``) when it has one."""
-    folder = load_index_folder(index)
+    folder = load_index_folder(index, search_parameters)
     query_set = store.read_embeddings(queries)
     exact = None
     if not folder.exact:
@@ -99,7 +104,8 @@ def evaluate_index(
             raise RetrievalError(f"{source} no longer holds the embeddings the index {index} was built from")
     ks = ks or folder.info["model"].get("recall_ks") or [1, 2, 4, 8]  # default: as the run evaluated
     metrics = evaluate_through_index(folder, query_set, ks, exact_embeddings=exact)
-    result = {"index": str(index), "queries": str(queries), **metrics}
+    result = {"index": str(index), "queries": str(queries), "search_parameters": folder.info["search_parameters"]}
+    result.update(metrics)
     if out:
         write_text_atomic(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
     run_id = folder.info["model"].get("mlflow_run_id")

@@ -112,6 +112,22 @@ def test_approximate_index_reports_neighbour_recall(workspace, tmp_path):
     assert result["exact_recall@1"] == reference["recall@1"] and result["exact_map@r"] == reference["map@r"]
 
 
+def test_ivf_search_parameters_are_recorded_and_can_be_overridden(workspace, tmp_path, capsys):
+    """nprobe = every list is exact search; the recorded parameters apply by default."""
+    idx, emb = tmp_path / "ivf", str(workspace["emb"])
+    build = ["index", "build", emb, "--out", str(idx), "--factory", "IVF4,Flat", "--search-params", "nprobe=4"]
+    assert main(build) == 0
+    assert load_index_folder(idx).info["search_parameters"] == "nprobe=4"
+    capsys.readouterr()
+    assert main(["index", "eval", str(idx), "--queries", emb, "--k", "1", "4", "--no-mlflow"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert exact["neighbor_recall@4"] == 1.0 and exact["recall@1_diff_vs_exact"] == 0.0
+    assert main(["index", "eval", str(idx), "--queries", emb, "--k", "4", "--search-params", "nprobe=1"]) == 0
+    one_list = json.loads(capsys.readouterr().out)
+    assert one_list["search_parameters"] == "nprobe=1" and one_list["neighbor_recall@4"] < 1.0
+    _fails(["index", "build", emb, "--out", str(tmp_path / "flat"), "--search-params", "nprobe=4"], capsys, "nprobe=4")
+
+
 def test_search_finds_the_query_image_first(workspace, capsys):
     image = _images(workspace["root"])[5]
     assert main(["search", str(workspace["idx"]), "--image", str(image), "-k", "3"]) == 0

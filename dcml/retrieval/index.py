@@ -120,19 +120,40 @@ class IndexFolder:
         return self.index.reconstruct_n(0, self.index.ntotal)
 
 
+def set_search_parameters(index: faiss.Index, parameters: str) -> None:
+    """Apply faiss search parameters, e.g. ``nprobe=16`` (IVF) or ``efSearch=128`` (HNSW),
+    comma-separated (faiss ``ParameterSpace`` syntax); ``""`` leaves faiss's defaults."""
+    if not parameters:
+        return
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, parameters)
+    except RuntimeError as error:
+        raise RetrievalError(
+            f"search parameters {parameters!r} do not apply to this index ({_last_line(error)})"
+        ) from None
+
+
 def build_index_folder(
-    embeddings: EmbeddingSet, out: str | Path, factory: str = "Flat", *, use_gpu: bool | None = None
+    embeddings: EmbeddingSet,
+    out: str | Path,
+    factory: str = "Flat",
+    *,
+    use_gpu: bool | None = None,
+    search_parameters: str = "",
 ) -> dict[str, Any]:
     """Build an index over ``embeddings`` and write the folder ``out`` (replaced if it exists);
-    returns its info."""
+    returns its info. ``search_parameters`` (e.g. ``nprobe=16``) are checked and recorded:
+    every search of the folder applies them unless told otherwise."""
     out = Path(out)
     if len(embeddings) == 0:
         raise RetrievalError("the embedding folder holds no embeddings")
     index, built_on = make_index(normalized(embeddings.embeddings), factory, use_gpu=use_gpu)
+    set_search_parameters(index, search_parameters)
     source = embeddings.info
     info = {
         "format": FORMAT,
         "factory": factory,
+        "search_parameters": search_parameters,
         "metric": "inner_product",
         "normalized": True,
         "count": int(index.ntotal),
@@ -183,8 +204,9 @@ def _replace_folder(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
-def load_index_folder(path: str | Path) -> IndexFolder:
-    """Load and check an index folder; :class:`RetrievalError` names what is wrong."""
+def load_index_folder(path: str | Path, search_parameters: str | None = None) -> IndexFolder:
+    """Load and check an index folder; :class:`RetrievalError` names what is wrong. The
+    search parameters are ``search_parameters`` when given, else those recorded at build."""
     from dcml.retrieval.store import read_info
 
     path = Path(path)
@@ -207,6 +229,9 @@ def load_index_folder(path: str | Path) -> IndexFolder:
             f"{path}: the index ({index.ntotal} x {index.d}), its sidecar ({table.num_rows} rows) and "
             f"info.json ({info['count']} x {info['dimension']}) disagree"
         )
+    chosen = info.get("search_parameters", "") if search_parameters is None else search_parameters
+    set_search_parameters(index, chosen)
+    info = {**info, "search_parameters": chosen}
     return IndexFolder(
         path=path,
         index=index,

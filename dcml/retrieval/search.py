@@ -88,7 +88,9 @@ class Searcher:
         if self.model is None:
             raise RetrievalError("image queries need the index's model; none was loaded")
         tensors = [self.model.transform(decode_image(image)) for image in images]
-        batch = torch.stack(tensors).to(self.device)
+        channels_last = self.model.params.train.channels_last  # as dcml embed feeds the model
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        batch = torch.stack(tensors).to(self.device, memory_format=memory_format)
         return self.model.embedder(batch).float().cpu().numpy()
 
 
