@@ -86,7 +86,8 @@ def _run(params: Params, layout: RunLayout, parent_run_id: str | None, fresh: bo
         reset_run(layout)
     steps, keep, logger = steps_from_params(params), params.train.keep_checkpoints, get_run_logger()
     # every file a rerun reads is checked: unreadable ones are moved aside and recomputed
-    resume = integrity.recover(layout, steps, keep, logger)
+    resume = integrity.recover(layout, steps, keep, logger, params)
+    lost = integrity.lost_files(layout)  # a finished run's files that no checkpoint kept can recompute
     write_run_params(params, layout)
     remove_stale_temp_files(layout.root)  # left by a run killed mid-write
     if resume not in {None, 0, *(step.segment.end_epoch for step in steps)}:
@@ -117,7 +118,7 @@ def _run(params: Params, layout: RunLayout, parent_run_id: str | None, fresh: bo
             checkpoint, resume = training.init_model(run_dir), 0
         else:
             checkpoint = str(layout.checkpoint(resume))
-        _evaluate(params, layout, run_id, checkpoint, 0, resume)
+        _evaluate(params, layout, run_id, checkpoint, 0, resume, lost)
         division: str | None = None
         train_metrics = TRAIN_METRICS + (["mask_penalty"] if params.model.learners == "masks" else [])
         for step in steps:
@@ -126,20 +127,22 @@ def _run(params: Params, layout: RunLayout, parent_run_id: str | None, fresh: bo
                 division = None
             elif step.division == "new":
                 path = layout.division(segment.start_epoch)
-                if _to_compute(path, segment.start_epoch, resume):
+                if _to_compute(path, segment.start_epoch, resume, lost):
                     embeddings = training.embed(run_dir, checkpoint, "train", segment.start_epoch, step.cluster_slices)
                     training.cluster(
                         run_dir, embeddings, division, segment.num_clusters, step.division_index, segment.start_epoch
                     )
                 division = str(path)
-                tracking.log_metrics_from(params, run_id, segment.start_epoch, division, "division", state)
+                if path not in lost:
+                    tracking.log_metrics_from(params, run_id, segment.start_epoch, division, "division", state)
             if segment.end_epoch > resume:
                 checkpoint = training.train(run_dir, checkpoint, division, segment)
             for epoch in range(segment.start_epoch, segment.end_epoch):
                 stats = str(layout.epoch_stats(epoch))
-                tracking.log_metrics_from(params, run_id, epoch + 1, stats, "train", state, train_metrics)
+                if layout.epoch_stats(epoch) not in lost:
+                    tracking.log_metrics_from(params, run_id, epoch + 1, stats, "train", state, train_metrics)
             if step.evaluate:
-                _evaluate(params, layout, run_id, checkpoint, segment.end_epoch, resume)
+                _evaluate(params, layout, run_id, checkpoint, segment.end_epoch, resume, lost)
         integrity.verify_final_checkpoint(layout, steps, keep, params.train.epochs, logger)
         test_embeddings = str(layout.embeddings("test", params.train.epochs))
         final = report.summarize_run(run_dir, name, test_embeddings)
@@ -176,10 +179,11 @@ def _run(params: Params, layout: RunLayout, parent_run_id: str | None, fresh: bo
     return {**final, "run_dir": run_dir, "mlflow_run_id": run_id, **ids}
 
 
-def _to_compute(output: Path, epoch: int, resume: int) -> bool:
+def _to_compute(output: Path, epoch: int, resume: int, lost: set[Path] = frozenset()) -> bool:
     """Whether an output of ``epoch`` still has to be computed. Outputs of epochs before
-    the resume point were computed from checkpoints that are gone: they must exist."""
-    if output.exists():
+    the resume point were computed from checkpoints that are gone: they must exist, or be
+    reported lost by ``integrity.recover`` (a finished run)."""
+    if output.exists() or output in lost:
         return False
     if epoch < resume:
         raise ConfigError(
@@ -189,16 +193,20 @@ def _to_compute(output: Path, epoch: int, resume: int) -> bool:
     return True
 
 
-def _evaluate(params: Params, layout: RunLayout, run_id: str, checkpoint: str, epoch: int, resume: int) -> None:
+def _evaluate(
+    params: Params, layout: RunLayout, run_id: str, checkpoint: str, epoch: int, resume: int, lost: set[Path]
+) -> None:
     """Evaluate the checkpoint after ``epoch`` epochs. Its test embedding's slices follow
     from ``epoch`` (:func:`dcml.evaluate.checkpoint_test_slices`, as ``dcml evaluate`` and
     the logged model have them)."""
-    lost = epoch == params.train.epochs and not layout.embeddings("test", epoch).exists()  # read by summarize
-    if _to_compute(layout.evaluation(epoch), epoch, resume) or lost:
+    missing = epoch == params.train.epochs and not layout.embeddings("test", epoch).exists()  # read by summarize
+    if _to_compute(layout.evaluation(epoch), epoch, resume, lost) or missing:
         slices = checkpoint_test_slices(params, epoch)
         embeddings = training.embed(str(layout.root), checkpoint, "test", epoch, slices)
         training.evaluate(str(layout.root), embeddings, epoch)
-    tracking.log_metrics_from(params, run_id, epoch, str(layout.evaluation(epoch)), "test", str(layout.tracking_state))
+    if layout.evaluation(epoch) not in lost:
+        state = str(layout.tracking_state)
+        tracking.log_metrics_from(params, run_id, epoch, str(layout.evaluation(epoch)), "test", state)
 
 
 def _log_resume(layout: RunLayout, resume: int | None, versions: list[dict[str, Any]], epochs: int) -> None:

@@ -12,6 +12,12 @@ The lock lives beside the run folder, not in it (as the MLflow state does, ``.tr
 that guards them, and DVC versions ``outputs/runs``, whose content must not depend on who
 ran it. Lock files stay (empty) when their folder is deleted.
 
+Forked children (DataLoader workers) do not hold the lock: ``flock`` belongs to the open
+file, which a fork shares, so a worker that outlives a killed holder by the few seconds it
+takes to notice would keep the run locked. Right after every fork the child closes its
+copies of the lock files this process holds (``os.register_at_fork``; filelock >= 4.3 does
+the same, this does not rely on it); the parent's lock is untouched.
+
 Holds are per process and reentrant: the ``dcml`` command takes the lock before the
 Prefect server starts and the flow takes it again (in a Prefect worker's flow-run
 process, the flow's hold is the real one); a sweep holds its runs' locks while its
@@ -40,6 +46,7 @@ LOCKS = ".locks"
 POLL_SECONDS = 0.5  # how often a waiting process tries again
 
 _log = logging.getLogger(__name__)
+_HELD: dict[int, tuple[int, int]] = {}  # descriptor -> (device, inode) of each lock file this process holds
 Logger = logging.Logger | logging.LoggerAdapter
 
 
@@ -153,12 +160,35 @@ def _write_holder(fd: int) -> None:
     data = json.dumps(holder()).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
+    info = os.fstat(fd)
+    _HELD[fd] = (info.st_dev, info.st_ino)
 
 
 def _release(lock: FileLock) -> None:
     if lock.lock_counter == 1:  # the last hold in this process: the file no longer names us
         os.truncate(lock.lock_file, 0)
+        info = os.stat(lock.lock_file)
+        for fd in [fd for fd, identity in _HELD.items() if identity == (info.st_dev, info.st_ino)]:
+            del _HELD[fd]
     lock.release()
+
+
+def _close_in_child() -> None:
+    """After a fork, in the child: close the inherited descriptors of held lock files, so
+    that the lock ends with its holder (``flock`` is shared through them). Never unlock:
+    that would release the parent's lock."""
+    for fd, identity in list(_HELD.items()):
+        try:
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) == identity:
+                os.close(fd)
+        except OSError:  # already closed (filelock's own fork hook)
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _flow_run() -> str | None:

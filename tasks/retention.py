@@ -11,7 +11,10 @@ A run keeps what resume needs and what users look at:
 own output is written and a crash between a write and a deletion only leaves a file for
 the next call. The flow consumes checkpoint *E* (test evaluation at *E*, clustering at
 *E*, training from *E*) before the next checkpoint exists, so an older checkpoint is
-never needed again: resume starts from the newest one.
+never needed again: resume starts from the newest one. Older checkpoints are deleted only
+once the newest is durable: ``dcml.atomic`` flushes every file and its folder before it
+returns, and :func:`prune` flushes the newest checkpoint once more before deleting any
+(a no-op for a file already on the disk; a safeguard for one copied in by other means).
 
 :func:`remove_other_runs` is a sweep's clean-up of whole run folders of other params; it
 never deletes a folder another process owns (``tasks.locks``).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from dcml.atomic import fsync_dir, fsync_file
 from dcml.config import Params
 from tasks import locks
 from tasks.layout import RunLayout
@@ -42,6 +46,9 @@ def prune(layout: RunLayout, keep_checkpoints: int, final_epoch: int) -> list[Pa
         for epoch, path in layout.embedding_files("test").items()
         if epoch in evaluated and epoch != newest_evaluated and epoch != final_epoch
     ]
+    if newest and any(path in checkpoints.values() for path in doomed):
+        fsync_file(checkpoints[newest[0]])  # the replacement is on the disk before its predecessor goes
+        fsync_dir(checkpoints[newest[0]].parent)
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed

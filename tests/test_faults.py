@@ -173,15 +173,25 @@ def test_an_older_kept_checkpoint_is_the_previous_good_state(finished_run, caplo
 
 
 def test_a_lost_division_goes_back_to_a_checkpoint_before_it(finished_run, caplog):
-    """Division 1 is computed from the checkpoint of epoch 1, long gone: the run restarts
-    from the newest checkpoint at or before epoch 1 (none kept: epoch 0)."""
+    """Division 1 is computed from the checkpoint of epoch 1, long gone. A finished run stays
+    finished (the division is reported lost); an unfinished one restarts from the newest
+    checkpoint at or before epoch 1 (none kept: epoch 0), keeping what it drops in superseded/."""
     make, steps = finished_run
     layout = make(keep=2)
     division = layout.division(1)
     division.write_bytes(b"garbage")
     resume, log = recover(layout, steps, 2, caplog)
-    assert resume is None and f"{division} is unreadable (ArrowInvalid" in log
-    assert layout.checkpoints() == {} and sorted(layout.divisions()) == [0]
+    assert resume == 3 and f"{division} is unreadable (ArrowInvalid" in log
+    assert "divisions/division-epoch-0001.parquet is lost" in log and "the run stays finished" in log
+    assert sorted(layout.checkpoints()) == [2, 3] and layout.final_metrics.exists()
+    assert integrity.lost_files(layout) == {division}
+
+    layout.final_metrics.unlink()  # not finished: the run must recompute division 1
+    resume, log = recover(layout, steps, 2, caplog)
+    assert resume is None and layout.checkpoints() == {} and sorted(layout.divisions()) == [0]
+    (superseded,) = (layout.root / "superseded").iterdir()
+    assert sorted(p.name for p in (superseded / "checkpoints").iterdir()) == ["epoch-0002.pt", "epoch-0003.pt"]
+    assert f"was moved to superseded/{superseded.name}/" in log
 
 
 def test_a_lost_final_evaluation_is_recomputed_from_the_final_checkpoint(finished_run, caplog):

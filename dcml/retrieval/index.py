@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dcml.atomic import UMASK
 from dcml.faiss_backend import gpu_device, gpu_resources, resolve_use_gpu
 from dcml.retrieval import RetrievalError
 from dcml.retrieval.store import EmbeddingSet, write_info
@@ -179,18 +180,12 @@ def build_index_folder(
         )
         pq.write_table(table, tmp / IDS_FILE)
         write_info(tmp, info)
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~UMASK)
         _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace_folder(new: Path, target: Path) -> None:
