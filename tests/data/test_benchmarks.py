@@ -293,6 +293,7 @@ TPAMI_KEYS = {
     ("model", "learners"): "masks",
     ("model", "mask_init"): "ones",
     ("model", "mask_decorrelation"): 0.01,
+    ("model", "mask_split_state"): "reset",  # the authors' code: new mask parameters at every split
     ("train", "lr_masks"): 1e-3,
     ("train", "mask_weight_decay"): 1e-4,
     ("cluster", "hierarchical"): True,
