@@ -297,6 +297,7 @@ TPAMI_KEYS = {
     ("train", "lr_masks"): 1e-3,
     ("train", "mask_weight_decay"): 1e-4,
     ("cluster", "hierarchical"): True,
+    ("cluster", "space"): "backbone",  # the authors' penultimate_for_clusters=1 (features L2-normalised)
 }
 
 
@@ -311,6 +312,7 @@ def test_tpami_preset_is_the_paper_preset_with_the_tpami_learners(name):
     for (section, key), value in TPAMI_KEYS.items():
         assert getattr(getattr(params, section), key) == value, (section, key)
         tpami[section].pop(key)
+    assert paper["cluster"].pop("space") == "embedding"  # CVPR: the paper's embedding space
     if name == "sop":
         assert tpami["model"].pop("embedding_dim") == 512
         paper["model"].pop("embedding_dim")
