@@ -188,6 +188,7 @@ def test_unreadable_images_are_listed_not_fatal(workspace, tmp_path):
     assert embeddings.ids.tolist() == [0, 1, 2]  # "broken.png" sorts last: id 3 has no row
 
 
+@pytest.mark.slow  # three `dcml embed` processes
 def test_killed_embed_resumes_to_the_same_files(workspace, tmp_path):
     """kill -9 after the first shards; the rerun keeps them and ends with the files of an
     uninterrupted run (shard size 16 = one batch: many shards)."""
