@@ -90,6 +90,7 @@ def test_use_the_model_block_runs_on_a_tiny_demo(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     bin_dir = REPO_ROOT / ".venv" / "bin"
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # dvc runs `dcml`, as after `source .venv/bin/activate`
     _run([str(bin_dir / "dcml"), "data", "demo"], clone, env)
     _run([str(bin_dir / "dvc"), "commit", "--force", "--quiet", "data.dvc"], clone, env)
     _run([str(bin_dir / "dvc"), "repro", "--quiet"], clone, env, timeout=1200)
