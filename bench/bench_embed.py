@@ -349,6 +349,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.no_cli:
             log("[bench_embed] CLI run ...")
             report["cli"] = cli_run(checkpoint, root, folder / "emb-cli", device, str(args.num_workers[0]))
+    return finish(report, started)
+
+
+def finish(report: dict, started: float) -> dict:
+    """Total time and load at the end, rounded, printed as JSON (every retrieval bench ends so)."""
     report["total_seconds"] = time.perf_counter() - started
     report["load_average_at_end"] = list(os.getloadavg())
     report = round_floats(report)

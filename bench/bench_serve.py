@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import signal
 import socket
@@ -45,9 +44,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_embed import REPO_ROOT, machine, make_checkpoint  # noqa: E402
+from bench_embed import REPO_ROOT, finish, machine, make_checkpoint  # noqa: E402
 from bench_gpu import log  # noqa: E402
-from common import parse_size, round_floats, temp_folder, write_jpeg_folder  # noqa: E402
+from common import parse_size, temp_folder, write_jpeg_folder  # noqa: E402
 
 from dcml.retrieval import store  # noqa: E402
 from dcml.retrieval.images import list_images  # noqa: E402
@@ -262,11 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["server_exit"] = server.stop()
         log("[bench_serve] in process ...")
         report["in_process"] = in_process(idx, files, args.k, args.requests)
-    report["total_seconds"] = time.perf_counter() - started
-    report["load_average_at_end"] = list(os.getloadavg())
-    report = round_floats(report)
-    print(json.dumps(report, indent=2, default=str))
-    return report
+    return finish(report, started)
 
 
 if __name__ == "__main__":

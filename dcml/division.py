@@ -13,6 +13,7 @@ import numpy as np
 
 from dcml import clustering
 from dcml.config import ClusterConfig
+from dcml.faiss_backend import normalized_rows
 
 
 @dataclass(frozen=True)
@@ -179,11 +180,3 @@ def _kept(previous: np.ndarray, learners: np.ndarray) -> float:
     after a split — i.e. how much of its data each learner keeps across a division."""
     valid = previous >= 0
     return float(np.mean(previous[valid] == learners[valid])) if valid.any() else 0.0
-
-
-def normalized_rows(features: np.ndarray) -> np.ndarray:
-    """A float32 copy of ``features`` (n, F) with unit-norm rows (zero rows stay zero)."""
-    out = np.array(features, dtype=np.float32, copy=True)
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    np.divide(out, norms, out=out, where=norms > 0)
-    return out

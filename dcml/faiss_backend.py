@@ -17,6 +17,8 @@ import functools
 import sys
 from importlib import metadata
 
+import numpy as np
+
 FAISS_MISSING = "faiss is not installed: pip install -e '.[cpu]' (or '.[gpu]' on a CUDA machine)"
 
 try:
@@ -110,6 +112,14 @@ def flat_l2_index(dim: int, *, use_gpu: bool | None = None, k: int | None = None
     config = faiss.GpuIndexFlatConfig()
     config.device = gpu_device()
     return faiss.GpuIndexFlatL2(gpu_resources(), dim, config)
+
+
+def normalized_rows(vectors: np.ndarray) -> np.ndarray:
+    """A float32 C-contiguous copy of ``vectors`` (n, d) with unit-norm rows (faiss
+    ``normalize_L2``; zero rows stay zero): clustering backbone features, index vectors."""
+    out = np.array(vectors, dtype=np.float32, copy=True, order="C")
+    faiss.normalize_L2(out)
+    return out
 
 
 def _faiss_distributions() -> list[str]:

@@ -126,6 +126,12 @@ def _serve(args: argparse.Namespace) -> None:
     serve(args.index, args.host, args.port, args.device, args.params, args.search_params)
 
 
+def _search_params_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--search-params", metavar="P", help="faiss search parameters instead of the index's, e.g. nprobe=64"
+    )
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     devices = ["auto", "cpu", "cuda"]
     embed = commands.add_parser(
@@ -194,9 +200,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", metavar="FILE", help="also write the metrics as JSON to FILE")
     evaluate.add_argument("--no-mlflow", action="store_true", help="do not log to the model's MLflow run")
     evaluate.add_argument("--params", default="params.yaml", help="for the MLflow tracking URI (default: params.yaml)")
-    evaluate.add_argument(
-        "--search-params", metavar="P", help="faiss search parameters instead of the index's, e.g. nprobe=64"
-    )
+    _search_params_option(evaluate)
     evaluate.set_defaults(func=_index_eval)
 
     search = commands.add_parser("search", help="nearest indexed images of query images or embeddings: JSON lines")
@@ -217,9 +221,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     search.add_argument("--device", default="auto", choices=devices)
     search.add_argument("--params", default="params.yaml", help="for MLflow-sourced models (default: params.yaml)")
-    search.add_argument(
-        "--search-params", metavar="P", help="faiss search parameters instead of the index's, e.g. nprobe=64"
-    )
+    _search_params_option(search)
     search.set_defaults(func=_search)
 
     serve = commands.add_parser("serve", help="HTTP search service over an index: POST /knn, GET /health")
@@ -228,7 +230,5 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto", choices=devices)
     serve.add_argument("--params", default="params.yaml", help="for MLflow-sourced models (default: params.yaml)")
-    serve.add_argument(
-        "--search-params", metavar="P", help="faiss search parameters instead of the index's, e.g. nprobe=64"
-    )
+    _search_params_option(serve)
     serve.set_defaults(func=_serve)

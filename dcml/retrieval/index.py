@@ -13,7 +13,6 @@ name and renamed, so an index folder that exists is complete.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -27,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dcml.atomic import UMASK
-from dcml.faiss_backend import gpu_device, gpu_resources, resolve_use_gpu
+from dcml.faiss_backend import gpu_device, gpu_resources, normalized_rows, resolve_use_gpu
 from dcml.retrieval import RetrievalError
 from dcml.retrieval.store import EmbeddingSet, write_info
 
@@ -38,11 +37,9 @@ IDS_FILE = "ids.parquet"
 
 def normalized(vectors: np.ndarray) -> np.ndarray:
     """A float32 copy of ``vectors`` (n, d) with unit rows (zero rows stay zero)."""
-    out = np.array(vectors, dtype=np.float32, copy=True, order="C")
-    if out.ndim != 2:
-        raise RetrievalError(f"embeddings must be 2-D (n, d), got shape {out.shape}")
-    faiss.normalize_L2(out)
-    return out
+    if np.ndim(vectors) != 2:
+        raise RetrievalError(f"embeddings must be 2-D (n, d), got shape {np.shape(vectors)}")
+    return normalized_rows(vectors)
 
 
 def make_index(vectors: np.ndarray, factory: str = "Flat", *, use_gpu: bool | None = None) -> tuple[faiss.Index, str]:
@@ -261,10 +258,3 @@ def learner_of(info: dict[str, Any], learner: int) -> dict[str, Any]:
             f"--learner {learner}: the model has {len(learners)} learner sub-space(s), 0..{len(learners) - 1}"
         )
     return learners[learner]
-
-
-def describe_learners(info: dict[str, Any]) -> list[str]:
-    return [
-        json.dumps({"learner": i, **{k: v for k, v in s.items() if k != "weights"}})
-        for i, s in enumerate(info["learners"])
-    ]
