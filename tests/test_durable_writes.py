@@ -121,11 +121,12 @@ elif sys.argv[2] == "ours":  # only tasks.locks' own after-fork hook
     original = fork._detach_child_state
     fork._detach_child_state = lambda descriptors, *args: original([], *args)
 
-class Slow(Dataset):
-    def __len__(self):
+class Slow(Dataset):  # the first batch at once; then each worker sleeps in __getitem__, alive and
+    def __len__(self):  # holding whatever it inherited, until the test kills it: no watchdog race
         return 10**6
     def __getitem__(self, i):
-        time.sleep(0.01)
+        if i >= 2:
+            time.sleep(600)
         return i
 
 with locks.hold(Path(sys.argv[1]), "the test's run"):
@@ -177,7 +178,7 @@ def test_loader_workers_of_a_killed_holder_do_not_keep_its_lock(tmp_path, clean_
         assert holder.stdout.readline().strip() == "held"
         workers = children(holder.pid)
         assert len(workers) == 2
-        holder.kill()  # kill -9 of the holder alone; its workers notice only seconds later
+        holder.kill()  # kill -9 of the holder alone; its workers live on, busy in __getitem__
         holder.wait()
         with locks.try_hold(path) as owned:
             still_running = [pid for pid in workers if alive(pid)]
