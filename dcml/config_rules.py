@@ -176,7 +176,10 @@ MASK_KEYS = (
     "train.mask_weight_decay",
 )
 HIERARCHY_KEYS = ("cluster.hierarchical",)
-LEARNER_VARIANT_KEYS = MASK_KEYS + HIERARCHY_KEYS
+# Where the data is clustered acts only with K > 1 too (K=1 never clusters); it is in every
+# run key, as it was before it joined the variants.
+DIVISION_KEYS = ("cluster.space",)
+LEARNER_VARIANT_KEYS = MASK_KEYS + HIERARCHY_KEYS + DIVISION_KEYS
 
 # Their values in every K=1 baseline (with_num_learners), whatever the params say: the
 # options off. Fixed here, not taken from the defaults, so that a baseline's stored params
@@ -190,6 +193,7 @@ BASELINE_VALUES: dict[str, Any] = {
     "train.lr_masks": 1e-5,
     "train.mask_weight_decay": 0.0,
     "cluster.hierarchical": False,
+    "cluster.space": "embedding",
 }
 
 
@@ -216,7 +220,7 @@ def with_num_learners(params: Params, num_learners: int, seed: int | None = None
     """A copy for one sweep point (K, seed).
 
     K=1 is the plain baseline: the learner settings that only act with K > 1 (masks,
-    hierarchical division) are reset to :data:`BASELINE_VALUES`, so the baseline of a TPAMI
+    hierarchical division, the clustered space) are reset to :data:`BASELINE_VALUES`, so the baseline of a TPAMI
     sweep is the same run (same run key, computed once) as that of a CVPR sweep.
     """
     new = dataclasses.replace(

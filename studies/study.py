@@ -3,7 +3,7 @@
 A study file (``studies/*.yaml``) names the seeds, K, the keys it changes in params.yaml
 and one set of keys per variant. For every variant this writes ``OUT/params-<variant>.yaml``
 (params.yaml < study params < variant) and runs ``dcml sweep`` on it into the same OUT with
-``--keep``; the K=1 baseline has the same params in every variant (see
+the default of keeping other runs; the K=1 baseline has the same params in every variant (see
 ``dcml.config.with_num_learners``), so it is trained once and reused. Then ``dcml compare``
 writes one table over all runs: mean ± std per variant and the paired difference to K=1
 with its 95 % t-interval (``OUT/comparison.md``, ``OUT/summary.csv``, ``OUT/metrics.json``).
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     for variant, params_file in files.items():
         command = [sys.executable, "-m", "flows.cli", "sweep", "--params", str(params_file), "--out", str(out)]
-        command += ["--keep", "-k", *map(str, study["num_learners"]), "--seeds", *seeds]
+        command += ["-k", *map(str, study["num_learners"]), "--seeds", *seeds]
         print("study:", " ".join(command), file=sys.stderr, flush=True)
         start = time.perf_counter()
         result = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -124,7 +124,8 @@ NO_INTERVAL = "one seed: no interval available; add seeds (sweep.seeds) for erro
 
 
 def variant_label(params: Params) -> str:
-    """``K=1`` (the baseline), else ``K=<k>`` [`` masks``] [`` hierarchical``]."""
+    """``K=1`` (the baseline), else ``K=<k>`` [`` masks``] [`` hierarchical``] [`` reset``]
+    [`` backbone-clustered``]."""
     k = params.cluster.num_learners
     if k == 1:
         return stats.BASELINE
@@ -139,6 +140,7 @@ def variant_label(params: Params) -> str:
             and params.model.mask_split_state == "reset"
             else []
         )
+        + (["backbone-clustered"] if params.cluster.space == "backbone" else [])
     )
 
 

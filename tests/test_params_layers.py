@@ -256,11 +256,8 @@ def test_the_k1_baseline_resets_the_learner_variants_to_fixed_values(tmp_path):
     cvpr = load_params(write(tmp_path, {"preset": "paper-cub200"}, "cvpr.yaml"))
     baseline = with_num_learners(tpami, 1, 0)
     cvpr_baseline = with_num_learners(cvpr, 1, 0)
-    cvpr_baseline = dataclasses.replace(
-        cvpr_baseline, cluster=dataclasses.replace(cvpr_baseline.cluster, space="backbone")
-    )
-    # the same but for the preset's name and where it clusters (the tpami presets: the authors' backbone features)
-    assert baseline == dataclasses.replace(cvpr_baseline, preset="tpami-cub200")
+    assert (tpami.cluster.space, cvpr.cluster.space) == ("backbone", "embedding")
+    assert baseline == dataclasses.replace(cvpr_baseline, preset="tpami-cub200")  # the same but for the name
     assert {key: flatten(baseline)[key] for key in BASELINE_VALUES} == BASELINE_VALUES
 
 

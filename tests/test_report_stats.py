@@ -91,6 +91,9 @@ def test_variant_labels():
     assert variant_label(params_of(4, 0, "masks")) == "K=4 masks"
     assert variant_label(params_of(2, 0, hierarchical=True)) == "K=2 hierarchical"
     assert variant_label(params_of(4, 0, "masks", hierarchical=True)) == "K=4 masks hierarchical"
+    backbone = params_of(4, 0, "masks", hierarchical=True)
+    backbone = dataclasses.replace(backbone, cluster=dataclasses.replace(backbone.cluster, space="backbone"))
+    assert variant_label(backbone) == "K=4 masks hierarchical backbone-clustered"
 
 
 def test_comparison_outputs_summary_and_paired_differences(tmp_path):
