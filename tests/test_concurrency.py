@@ -212,6 +212,7 @@ def held_by(process: subprocess.Popen, out: Path) -> Path:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # 1-2 min: in make test-slow (CI runs both)
 def test_two_identical_dcml_train_do_the_work_once(tmp_path, tiny_demo_root):
     from mlflow.tracking import MlflowClient
 

@@ -69,6 +69,7 @@ def test_dvc_repro_runs_the_sweep_and_leaves_the_pipeline_up_to_date(project):
     assert runs == ["K1-seed0", "K4-seed0"]
 
 
+@pytest.mark.slow  # 1-2 min: in make test-slow (CI runs both)
 def test_dvc_exp_run_with_another_k_list_reuses_the_baseline(project):
     root, env = project
     baseline = next((root / "outputs" / "runs").glob("K1-seed0-*"))

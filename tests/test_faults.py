@@ -268,6 +268,7 @@ def params_path(tmp_path, tiny_demo_root) -> Path:
     return path
 
 
+@pytest.mark.slow  # 1-2 min: in make test-slow (CI runs both)
 def test_a_rerun_recomputes_unreadable_files_and_verifies_the_final_checkpoint(tmp_path, params_path):
     out = tmp_path / "out"
     train = ("train", "--params", str(params_path), "--out", str(out))

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -43,6 +44,7 @@ def run_folder(out: Path) -> RunLayout:
     return RunLayout(folder)
 
 
+@pytest.mark.slow  # 1-2 min: in make test-slow (CI runs both)
 def test_kill_then_code_edit_then_rerun_continues_and_matches_an_uninterrupted_run(tmp_path, tiny_demo_root):
     src = tmp_path / "src"  # a copy of the sources, so that a comment can be edited
     for package in ("dcml", "tasks", "flows"):
