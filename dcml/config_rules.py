@@ -176,8 +176,8 @@ MASK_KEYS = (
     "train.mask_weight_decay",
 )
 HIERARCHY_KEYS = ("cluster.hierarchical",)
-# Where the data is clustered acts only with K > 1 too (K=1 never clusters); it is in every
-# run key, as it was before it joined the variants.
+# Where the data is clustered acts only with K > 1 too (K=1 never clusters). Unlike the keys
+# above it stays in every run key (tasks.layout), so existing run keys do not change.
 DIVISION_KEYS = ("cluster.space",)
 LEARNER_VARIANT_KEYS = MASK_KEYS + HIERARCHY_KEYS + DIVISION_KEYS
 
@@ -220,8 +220,8 @@ def with_num_learners(params: Params, num_learners: int, seed: int | None = None
     """A copy for one sweep point (K, seed).
 
     K=1 is the plain baseline: the learner settings that only act with K > 1 (masks,
-    hierarchical division, the clustered space) are reset to :data:`BASELINE_VALUES`, so the baseline of a TPAMI
-    sweep is the same run (same run key, computed once) as that of a CVPR sweep.
+    hierarchical division, the clustered space) are reset to :data:`BASELINE_VALUES`, so the
+    baseline of a TPAMI sweep is the same run (same run key, computed once) as that of a CVPR sweep.
     """
     new = dataclasses.replace(
         params,
